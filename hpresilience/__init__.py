@@ -1,0 +1,3 @@
+"""hpresilience: Slurm-integrated resiliency for GPU training clusters."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,21 @@
+"""The `hpresilience` command."""
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+from ..log import configure
+from .slurm_cmds import slurm
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hpresilience")
+@click.option("--log-level", default="warning", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]), help="Log events at or above this level.")
+@click.option("--log-format", default="json", show_default=True, type=click.Choice(["json", "console"]))
+def main(log_level: str, log_format: str) -> None:
+    """Resiliency for Slurm GPU clusters: detect, remediate, auto-resume."""
+    configure(level=log_level, json=log_format == "json")
+
+
+main.add_command(slurm)

@@ -1,0 +1,25 @@
+"""The Slurm gateway: every read and change of Slurm state goes through here."""
+from .backend import ScontrolBackend, SlurmBackend
+from .errors import (
+                     InvalidNodeName,
+                     JobNotFound,
+                     NodeNotFound,
+                     ParseError,
+                     PermissionDenied,
+                     SlurmCommandError,
+                     SlurmError,
+                     SlurmNotInstalled,
+                     SlurmUnavailable,
+)
+from .gateway import NodeState, ReasonNotOurs, SlurmGateway
+from .hostlist import expand, fold, nodeset
+from .models import Job, Node
+from .reason import Action, ActionReason, format_reason, is_ours, parse_reason, sanitize_reason
+from .runner import CommandRunner
+
+__all__ = [
+    "Action", "ActionReason", "CommandRunner", "InvalidNodeName", "Job", "JobNotFound", "Node", "NodeNotFound",
+    "NodeState", "ParseError", "PermissionDenied", "ReasonNotOurs", "ScontrolBackend", "SlurmBackend",
+    "SlurmCommandError", "SlurmError", "SlurmGateway", "SlurmNotInstalled", "SlurmUnavailable", "expand", "fold",
+    "format_reason", "is_ours", "nodeset", "parse_reason", "sanitize_reason",
+]

@@ -1,0 +1,167 @@
+"""SlurmGateway: the one place where hpresilience reads and changes Slurm.
+
+Agent, controller and the auto-resume shim all go through this class. It
+validates node names, keeps reasons sane, and enforces the ownership rule:
+a reason that does not start with ``Action:`` belongs to someone else and is
+never overwritten or cleared by us.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+from typing import Dict, List, Optional, Tuple
+
+import structlog
+
+from .backend import ScontrolBackend, SlurmBackend
+from .errors import JobNotFound, NodeNotFound, SlurmError
+from .hostlist import Nodes, expand, fold
+from .models import Job, Node
+from .reason import ActionReason, is_ours, sanitize_reason
+
+log = structlog.get_logger(__name__)
+
+OLDEST_SUPPORTED = (22, 5)
+NEWEST_TESTED = (25, 11)
+
+
+class NodeState(str, enum.Enum):
+    """States we may set. FAIL lets running jobs finish (the default for our
+    faults), DRAIN likewise, DOWN kills them now; RESUME returns a node."""
+    FAIL = "FAIL"
+    DRAIN = "DRAIN"
+    DOWN = "DOWN"
+    RESUME = "RESUME"
+
+
+class ReasonNotOurs(SlurmError):
+    """Refused: the node carries a reason someone else wrote."""
+
+    def __init__(self, node: str, reason: str):
+        super().__init__(f"node {node} has a reason we did not write ({reason!r}); leaving it alone")
+        self.node = node
+        self.reason = reason
+
+
+class SlurmGateway:
+    def __init__(self, backend: Optional[SlurmBackend] = None):
+        self.backend: SlurmBackend = backend or ScontrolBackend()
+        self._version: Optional[Tuple[int, int, int]] = None
+
+    # ---------------------------------------------------------------- version
+    @property
+    def version(self) -> Tuple[int, int, int]:
+        """(major, minor, micro) of the Slurm tools, detected once."""
+        if self._version is None:
+            self._version = self.backend.version()
+            if self._version[:2] < OLDEST_SUPPORTED:
+                raise SlurmError(f"Slurm {'.'.join(map(str, self._version))} is older than the oldest "
+                                 f"supported release {OLDEST_SUPPORTED[0]}.{OLDEST_SUPPORTED[1]:02d}")
+            if self._version[:2] > NEWEST_TESTED:
+                log.warning("slurm.version_untested", version=self._version)
+        return self._version
+
+    @property
+    def requeue_has_delay(self) -> bool:
+        """Before 25.11, a requeued job waits ~121 s (cred expiry) unless its
+        StartTime is reset; 25.11 added requeue_delay= and --requeue=expedite."""
+        return self.version[:2] < (25, 11)
+
+    # ------------------------------------------------------------------ reads
+    def nodes(self, nodes: Optional[Nodes] = None, with_jobs: bool = False) -> List[Node]:
+        """Nodes (all, or those named), optionally with the ids of active jobs on each."""
+        found = self.backend.show_nodes(fold(nodes) if nodes is not None else None)
+        if nodes is not None:
+            missing = set(expand(nodes)) - {n.name for n in found}
+            if missing:
+                raise NodeNotFound(fold(missing), ["scontrol", "show", "node", fold(nodes)], "not found")
+        if not with_jobs:
+            return found
+        on_node: Dict[str, List[int]] = {}
+        for job in self.jobs():
+            if job.is_active:
+                for name in job.nodes:
+                    on_node.setdefault(name, []).append(job.job_id)
+        return [dataclasses.replace(n, jobs=tuple(sorted(on_node.get(n.name, ())))) for n in found]
+
+    def node(self, name: str, with_jobs: bool = False) -> Node:
+        if len(expand(name)) != 1:
+            raise NodeNotFound(name, ["scontrol", "show", "node", name], "expected exactly one node")
+        return self.nodes(name, with_jobs=with_jobs)[0]
+
+    def jobs(self) -> List[Job]:
+        return self.backend.show_jobs()
+
+    def job(self, job_id: int) -> Job:
+        found = self.backend.show_jobs(int(job_id))
+        # `show job <array id>` returns every task; pick the one asked for.
+        for job in found:
+            if job.job_id == int(job_id):
+                return job
+        if found:
+            return found[0]
+        raise JobNotFound(str(job_id), ["scontrol", "show", "job", str(job_id)], "no such job")
+
+    # ----------------------------------------------------------------- writes
+    def set_state(self, nodes: Nodes, state: NodeState, reason: Optional[str] = None) -> None:
+        """Set state (and reason) on nodes, exactly as given. Prefer the
+        ownership-aware mark_action()/clear_action() for our own faults."""
+        state = NodeState(state)
+        if state in (NodeState.FAIL, NodeState.DRAIN, NodeState.DOWN) and not reason:
+            raise ValueError(f"Slurm requires a reason to set {state.value}")
+        nodelist = fold(nodes)
+        reason = sanitize_reason(reason) if reason else None
+        self.backend.update_nodes(nodelist, state.value, reason)
+        log.info("slurm.set_state", nodes=nodelist, state=state.value, reason=reason)
+
+    def mark_action(self, node: str, action: ActionReason, state: NodeState = NodeState.FAIL) -> Node:
+        """Take a node out of service with an Action: reason, unless someone
+        else's reason is already on it. Returns the node as it was before."""
+        current = self.node(node)
+        if current.reason and not is_ours(current.reason):
+            raise ReasonNotOurs(current.name, current.reason)
+        self.set_state(current.name, state, str(action))
+        return current
+
+    def clear_action(self, node: str) -> bool:
+        """Return a node to service, only if its reason is still ours.
+        Returns False (and changes nothing) when the reason is not ours."""
+        current = self.node(node)
+        if not is_ours(current.reason):
+            log.info("slurm.clear_skipped", node=current.name, reason=current.reason)
+            return False
+        self.set_state(current.name, NodeState.RESUME)
+        return True
+
+    def reboot(self, nodes: Nodes, reason: Optional[str] = None, asap: bool = True,
+               next_state: Optional[NodeState] = NodeState.RESUME) -> None:
+        """`scontrol reboot`: RebootProgram runs on the node once it is idle
+        (ASAP drains it first so no new job lands there meanwhile)."""
+        if next_state not in (None, NodeState.RESUME, NodeState.DOWN):
+            raise ValueError(f"next_state must be RESUME or DOWN, not {next_state}")
+        nodelist = fold(nodes)
+        reason = sanitize_reason(reason) if reason else None
+        self.backend.reboot_nodes(nodelist, asap, next_state.value if next_state else None, reason)
+        log.info("slurm.reboot", nodes=nodelist, asap=asap, next_state=next_state, reason=reason)
+
+    def requeue(self, job_id: int) -> None:
+        self.backend.requeue_job(int(job_id))
+        log.info("slurm.requeue", job=int(job_id))
+
+    def update_job(self, job_id: int, nodelist: Optional[Nodes] = None,
+                   start_time: Optional[dt.datetime] = None, now: bool = False) -> None:
+        """Shrink a running job to `nodelist`, or move its StartTime (now=True
+        makes a requeued job eligible at once instead of after ~121 s)."""
+        fields: List[Tuple[str, str]] = []
+        if nodelist is not None:
+            fields.append(("NodeList", fold(nodelist)))
+        if now:
+            fields.append(("StartTime", "now"))
+        elif start_time is not None:
+            fields.append(("StartTime", start_time.astimezone().strftime("%Y-%m-%dT%H:%M:%S")))
+        if not fields:
+            raise ValueError("update_job needs nodelist, start_time or now")
+        self.backend.update_job(int(job_id), fields)
+        log.info("slurm.update_job", job=int(job_id), fields=dict(fields))
+

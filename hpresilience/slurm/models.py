@@ -1,0 +1,107 @@
+"""What the gateway returns: plain dataclasses, independent of the backend."""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import FrozenSet, Optional, Tuple
+
+from .reason import ActionReason, parse_reason
+
+# Flags that take a node out of scheduling (what sinfo shows as drain/fail/down).
+UNAVAILABLE_FLAGS = frozenset({"DRAIN", "FAIL", "NOT_RESPONDING", "MAINTENANCE", "POWERED_DOWN", "POWERING_DOWN"})
+REBOOT_FLAGS = frozenset({"REBOOT_REQUESTED", "REBOOT_ISSUED"})
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    state: str                              # base state: IDLE, ALLOCATED, MIXED, DOWN, ...
+    flags: FrozenSet[str] = frozenset()     # DRAIN, FAIL, NOT_RESPONDING, REBOOT_REQUESTED, ...
+    reason: Optional[str] = None            # without Slurm's "[user@time]" stamp
+    reason_user: Optional[str] = None
+    reason_time: Optional[dt.datetime] = None
+    address: Optional[str] = None
+    hostname: Optional[str] = None
+    port: Optional[int] = None
+    boot_time: Optional[dt.datetime] = None
+    slurmd_start_time: Optional[dt.datetime] = None
+    next_state: Optional[str] = None
+    partitions: Tuple[str, ...] = ()
+    gres: Tuple[str, ...] = ()              # e.g. ("gpu:8",)
+    cpus: Optional[int] = None
+    version: Optional[str] = None
+    jobs: Tuple[int, ...] = ()              # filled in by SlurmGateway.nodes(with_jobs=True)
+
+    @property
+    def action_reason(self) -> Optional[ActionReason]:
+        """The Action: reason, when the node's reason is ours."""
+        return parse_reason(self.reason)
+
+    @property
+    def is_down(self) -> bool:
+        return self.state == "DOWN"
+
+    @property
+    def is_drained(self) -> bool:
+        """Out of scheduling by an admin or by us (DRAIN or FAIL), jobs or not."""
+        return bool(self.flags & {"DRAIN", "FAIL"})
+
+    @property
+    def is_responding(self) -> bool:
+        return "NOT_RESPONDING" not in self.flags
+
+    @property
+    def reboot_pending(self) -> bool:
+        return bool(self.flags & REBOOT_FLAGS)
+
+    @property
+    def is_busy(self) -> bool:
+        """Jobs are on the node (running or still being cleaned up)."""
+        return self.state in ("ALLOCATED", "MIXED") or "COMPLETING" in self.flags
+
+    @property
+    def available(self) -> bool:
+        """Schedulable and healthy as far as Slurm knows."""
+        return self.state in ("IDLE", "ALLOCATED", "MIXED") and not (self.flags & (UNAVAILABLE_FLAGS | REBOOT_FLAGS))
+
+    @property
+    def state_text(self) -> str:
+        return "+".join([self.state, *sorted(self.flags)])
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: int
+    name: str
+    state: str                             # RUNNING, PENDING, COMPLETING, ...
+    reason: Optional[str] = None           # why it is pending/held, e.g. BeginTime
+    user: Optional[str] = None
+    partition: Optional[str] = None
+    nodes: Tuple[str, ...] = ()            # allocated nodes, expanded
+    nodelist: str = ""                     # the same, as Slurm's hostlist expression
+    requested_nodes: Tuple[str, ...] = ()
+    excluded_nodes: Tuple[str, ...] = ()
+    batch_host: Optional[str] = None
+    batch: bool = False
+    num_nodes: Optional[int] = None
+    exclusive: bool = False
+    requeue: bool = False
+    restart_count: int = 0
+    gres: Tuple[str, ...] = ()             # per-node GRES request, e.g. ("gpu:2",)
+    array_job_id: Optional[int] = None
+    array_task_id: Optional[str] = None
+    submit_time: Optional[dt.datetime] = None
+    start_time: Optional[dt.datetime] = None
+    eligible_time: Optional[dt.datetime] = None
+    work_dir: Optional[str] = None
+    std_out: Optional[str] = None
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def is_running(self) -> bool:
+        return self.state == "RUNNING"
+
+    @property
+    def is_active(self) -> bool:
+        """Holds nodes: running, suspended, or being torn down."""
+        return self.state in ("RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "STAGE_OUT")
