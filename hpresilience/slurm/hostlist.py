@@ -17,7 +17,7 @@ from .errors import InvalidNodeName
 # Slurm node names: letters, digits, '-', '_', '.'; brackets/commas only in
 # hostlist expressions. Anything else (spaces, '=', quotes) would let a name
 # smuggle extra arguments into an scontrol command.
-_HOSTLIST_RE = re.compile(r"^[A-Za-z0-9_.\-\[\],]+$")
+_HOSTLIST_RE = re.compile(r"[A-Za-z0-9_.\-\[\],]+")
 
 Nodes = Union[str, Iterable[str], NodeSet]
 
@@ -31,7 +31,7 @@ def nodeset(nodes: Nodes) -> NodeSet:
     for part in parts:
         if not isinstance(part, str) or not part.strip():
             raise InvalidNodeName(str(part), "empty")
-        if not _HOSTLIST_RE.match(part):
+        if not _HOSTLIST_RE.fullmatch(part):
             raise InvalidNodeName(part, "only letters, digits, '-', '_', '.' and hostlist brackets are allowed")
         try:
             result.update(NodeSet(part))

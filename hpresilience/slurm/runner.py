@@ -72,7 +72,7 @@ class CommandRunner:
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(SlurmUnavailable),
             stop=tenacity.stop_after_attempt(self.attempts) | tenacity.stop_after_delay(self.max_delay),
-            wait=tenacity.wait_exponential_jitter(initial=0.5, max=8),
+            wait=tenacity.wait_exponential(multiplier=0.5, max=8) + tenacity.wait_random(0, 0.5),
             sleep=self.sleep,
             reraise=True,
             before_sleep=lambda rs: log.warning(

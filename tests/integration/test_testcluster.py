@@ -1,0 +1,67 @@
+"""scripts/testcluster itself: the ground every other integration test stands on."""
+import re
+import time
+
+from .conftest import wait_until
+
+
+def test_up_gives_idle_nodes_fast(cluster, gateway):
+    assert cluster.up_seconds < 60
+    nodes = gateway.nodes()
+    assert [n.name for n in nodes] == cluster.nodes
+    assert all(n.state == "IDLE" and not n.flags for n in nodes)
+    assert len({n.port for n in nodes}) == len(nodes)
+
+
+def test_up_is_idempotent(cluster):
+    out = cluster.tc("up", "--nodes", str(len(cluster.nodes)), "--port-base", "27000").stdout
+    assert "already up" in out
+
+
+def test_env_exports(cluster):
+    out = cluster.tc("env").stdout
+    assert f"export SLURM_CONF={cluster.dir}/etc/slurm.conf" in out
+    assert f"export HPR_TESTCLUSTER_DIR={cluster.dir}" in out
+
+
+def test_exec_runs_inside_the_node(cluster):
+    out = cluster.tc("exec", "n2", "--", "sh", "-c", 'hostname; echo "$HPR_NODE"; cut -d" " -f1 /proc/uptime')
+    hostname, env_node, uptime = out.stdout.split()
+    assert hostname == "n2" and env_node == "n2"
+    # Own time namespace: the node's uptime counts from its own (emulated) boot.
+    host_uptime = float(open("/proc/uptime").read().split()[0])
+    assert float(uptime) < host_uptime
+
+
+def test_log_appends_syslog_line(cluster):
+    cluster.tc("log", "n3", "NVRM: Xid (PCI:0000:b9:00): 74, pid=<unknown>, name=<unknown>, NVLink: fatal")
+    last = (cluster.dir / "nodes" / "n3" / "kern.log").read_text().splitlines()[-1]
+    assert re.fullmatch(r"[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d n3 kernel: NVRM: Xid \(PCI:0000:b9:00\): 74, .*", last)
+
+
+def test_status(cluster):
+    out = cluster.tc("status").stdout
+    assert "slurmctld" in out and out.count("slurm: IDLE") == len(cluster.nodes)
+
+
+def test_unknown_node_is_a_clear_error(cluster):
+    proc = cluster.tc("log", "n99", "x", check=False)
+    assert proc.returncode == 1 and "unknown node 'n99'" in proc.stderr
+
+
+def test_kill_and_start(tc, gateway):
+    job = tc.sbatch("-N1", "-w", "n4", "--wrap", "sleep 300")
+    wait_until(lambda: gateway.job(job).is_running, 30, "job running on n4")
+    killed_at = time.monotonic()
+    tc.tc("kill", "n4")
+    # Job steps died with the node: no process is left in the node's namespaces.
+    assert tc.tc("exec", "n4", "--", "true", check=False).returncode != 0
+    down = wait_until(lambda: (n := gateway.node("n4")).is_down and n, 60, "Slurm to mark n4 DOWN")
+    print(f"n4 seen DOWN {time.monotonic() - killed_at:.1f}s after kill: {down.state_text} ({down.reason})")
+    assert not down.is_responding
+    old_boot = down.boot_time
+    tc.tc("start", "n4")
+    back = wait_until(lambda: (n := gateway.node("n4")).is_responding and n, 30, "n4 responding")
+    # A power-cycled node registers with a new boot time; Slurm (ReturnToService=1) keeps it DOWN as
+    # "unexpectedly rebooted" until someone returns it, which is what a real cluster does.
+    assert back.boot_time > old_boot

@@ -1,0 +1,69 @@
+"""The runner's own behaviour with real processes (no Slurm needed): error
+classification uses messages captured from real scontrol runs."""
+import pytest
+
+from hpresilience.slurm.errors import (
+    JobNotFound,
+    NodeNotFound,
+    PermissionDenied,
+    SlurmCommandError,
+    SlurmNotInstalled,
+    SlurmUnavailable,
+)
+from hpresilience.slurm.runner import CommandRunner, Target, classify
+
+ARGV = ["scontrol", "x"]
+
+
+@pytest.mark.parametrize("message, target, kind", [
+    ("slurm_load_node error: Unable to contact slurm controller (connect failure)", Target(node="n1"),
+     SlurmUnavailable),
+    ("slurm_update error: Socket timed out on send/recv operation", Target(node="n1"), SlurmUnavailable),
+    ("Node nosuch not found", Target(node="nosuch"), NodeNotFound),
+    ("slurm_update error: Invalid node name specified", Target(node="nosuch"), NodeNotFound),
+    ("slurm_load_jobs error: Invalid job id specified", Target(job="99"), JobNotFound),
+    ("Invalid job id specified for job 99", Target(job="99"), JobNotFound),
+    ("slurm_update error: Access/permission denied", Target(node="n1"), PermissionDenied),
+    ("slurm_update error: Invalid node state specified", Target(node="n1"), SlurmCommandError),
+])
+def test_classify(message, target, kind):
+    err = classify(ARGV, 1, message, target)
+    assert type(err) is kind
+    if kind is NodeNotFound:
+        assert err.node == target.node and target.node in str(err)
+    if kind is JobNotFound:
+        assert err.job_id == "99" and "99" in str(err)
+
+
+def test_timeout_is_transient_and_retried():
+    runner = CommandRunner(timeout=0.2, attempts=2, sleep=lambda s: None)
+    with pytest.raises(SlurmUnavailable, match="timed out after 0.2s"):
+        runner.run(["sleep", "5"])
+
+
+def test_permanent_error_not_retried(tmp_path):
+    calls = tmp_path / "calls"
+    script = tmp_path / "fails"
+    script.write_text(f"#!/bin/sh\necho x >> {calls}\necho 'Invalid node name specified' >&2\nexit 1\n")
+    script.chmod(0o755)
+    runner = CommandRunner(attempts=5, sleep=lambda s: None)
+    with pytest.raises(NodeNotFound):
+        runner.run([str(script)], Target(node="n9"))
+    assert calls.read_text().count("x") == 1
+
+
+def test_transient_error_retried_until_attempts_used(tmp_path):
+    calls = tmp_path / "calls"
+    script = tmp_path / "down"
+    script.write_text(f"#!/bin/sh\necho x >> {calls}\necho 'Unable to contact slurm controller' >&2\nexit 1\n")
+    script.chmod(0o755)
+    runner = CommandRunner(attempts=3, sleep=lambda s: None)
+    with pytest.raises(SlurmUnavailable):
+        runner.run([str(script)])
+    assert calls.read_text().count("x") == 3
+
+
+def test_missing_program_says_what_to_install(tmp_path):
+    runner = CommandRunner(env={"PATH": str(tmp_path)})
+    with pytest.raises(SlurmNotInstalled, match="apt-get install slurm-client"):
+        runner.run(["scontrol", "show", "node"])
