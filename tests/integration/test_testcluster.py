@@ -1,5 +1,7 @@
 """scripts/testcluster itself: the ground every other integration test stands on."""
+import os
 import re
+import signal
 import time
 
 from .conftest import wait_until
@@ -65,3 +67,13 @@ def test_kill_and_start(tc, gateway):
     # A power-cycled node registers with a new boot time; Slurm (ReturnToService=1) keeps it DOWN as
     # "unexpectedly rebooted" until someone returns it, which is what a real cluster does.
     assert back.boot_time > old_boot
+
+
+def test_up_recovers_from_a_crashed_run(cluster, gateway):
+    """A cluster whose slurmctld died (crash, OOM kill) is cleaned up and restarted by `up`."""
+    pid = int((cluster.dir / "ctld" / "slurmctld.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    out = cluster.tc("up", "--nodes", str(len(cluster.nodes)), "--port-base", "27000")
+    assert "cleaning up a previous cluster" in out.stderr and "nodes idle" in out.stdout
+    assert int((cluster.dir / "ctld" / "slurmctld.pid").read_text()) != pid
+    assert all(n.state == "IDLE" and not n.flags for n in gateway.nodes())
