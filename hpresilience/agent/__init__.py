@@ -1,0 +1,1 @@
+"""The node agent: monitors → findings → policy → one Slurm node decision."""

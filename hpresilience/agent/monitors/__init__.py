@@ -1,0 +1,1 @@
+"""Monitors: one module each (kernel log, NVML, system)."""
