@@ -5,6 +5,7 @@ import click
 
 from .. import __version__
 from ..log import configure
+from .agent_cmds import agent, check, classify
 from .slurm_cmds import slurm
 
 
@@ -18,4 +19,5 @@ def main(log_level: str, log_format: str) -> None:
     configure(level=log_level, json=log_format == "json")
 
 
-main.add_command(slurm)
+for command in (slurm, agent, check, classify):
+    main.add_command(command)

@@ -1,0 +1,111 @@
+"""`hpresilience agent`, `check` and `classify`."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Tuple
+
+import click
+
+from ..config import ConfigError
+from ..log import configure
+
+DEFAULT_CONFIG = Path("/etc/hpresilience/agent.toml")
+
+
+def _config_path(path: Optional[Path]) -> Optional[Path]:
+    """An explicit --config must exist; the default file is optional."""
+    if path is not None:
+        return path
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
+
+
+def _load(path: Optional[Path]):
+    from ..agent.config import AgentConfig
+    try:
+        return AgentConfig.load(_config_path(path))
+    except ConfigError as e:
+        click.echo(f"hpresilience: bad configuration: {e}", err=True)
+        sys.exit(2)
+
+
+config_option = click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
+                             help=f"Agent configuration (TOML). Default: {DEFAULT_CONFIG} if it exists.")
+
+
+@click.command()
+@config_option
+def agent(config_path: Optional[Path]) -> None:
+    """Run the node agent (a systemd Type=notify service on every compute node)."""
+    from ..agent.daemon import Agent
+    from ..agent.kernel_rules import RulesError
+    config = _load(config_path)
+    configure(level=config.agent.log_level, json=True)
+    try:
+        daemon = Agent(config, _config_path(config_path))
+    except (RulesError, ValueError, OSError) as e:
+        click.echo(f"hpresilience agent: cannot start: {e}", err=True)
+        sys.exit(2)
+    sys.exit(daemon.run())
+
+
+@click.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per finding.")
+def check(config_path: Optional[Path], as_json: bool) -> None:
+    """One pass of every passive check; exit 0 if healthy, 1 with findings printed.
+
+    Usable as Slurm's HealthCheckProgram: finishes in seconds, and a check that
+    could not look (exit 2) is kept apart from an unhealthy node (exit 1)."""
+    from ..agent.oneshot import run_check
+    config = _load(config_path)
+    result = run_check(config)
+    for finding in result.findings:
+        if as_json:
+            click.echo(json.dumps(finding.to_dict()))
+        else:
+            where = f" [{finding.entity}]" if finding.entity else ""
+            click.echo(f"{finding.action.value.upper():8} {finding.code}{where}: {finding.message}")
+    for error in result.errors:
+        click.echo(f"check failed: {error}", err=True)
+    if result.actionable:
+        sys.exit(1)
+    if result.errors:
+        sys.exit(2)
+    if not as_json:
+        click.echo("healthy")
+
+
+@click.command()
+@click.argument("files", nargs=-1, type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option("--rules", "rules_file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Admin rules file merged over the shipped rules, as the agent would.")
+@click.option("--all", "show_all", is_flag=True, help="Also print lines no rule matched (action none, rule null).")
+def classify(files: Tuple[Path, ...], rules_file: Optional[Path], show_all: bool) -> None:
+    """Would these kernel-log lines drain a node, and why?
+
+    Reads FILES (default: standard input) in syslog, dmesg, journal or
+    /dev/kmsg form and prints one JSON object per line that matches a rule."""
+    from ..agent.kernel_rules import RulesError, load_rules
+    try:
+        rules = load_rules(rules_file)
+    except RulesError as e:
+        click.echo(f"hpresilience: {e}", err=True)
+        sys.exit(2)
+    streams = [(str(p), open(p, "rb")) for p in files] if files else [("-", sys.stdin.buffer)]
+    for name, stream in streams:
+        with stream:
+            for line_no, raw in enumerate(stream, start=1):
+                text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                finding = rules.classify(text)
+                if finding is None and not show_all:
+                    continue
+                record = {"file": name, "line_no": line_no}
+                if finding is None:
+                    record.update(action="none", rule=None, message=None, code=None, line=text[:500])
+                else:
+                    record.update(action=finding.action.value, rule=finding.rule, message=finding.message,
+                                  code=finding.code, component=finding.component, entity=finding.entity,
+                                  slurm_state=finding.slurm_state)
+                click.echo(json.dumps(record))
