@@ -40,11 +40,12 @@ def agent(config_path: Optional[Path]) -> None:
     """Run the node agent (a systemd Type=notify service on every compute node)."""
     from ..agent.daemon import Agent
     from ..agent.kernel_rules import RulesError
+    from ..agent.logsource import LogSourceError
     config = _load(config_path)
     configure(level=config.agent.log_level, json=True)
     try:
         daemon = Agent(config, _config_path(config_path))
-    except (RulesError, ValueError, OSError) as e:
+    except (RulesError, LogSourceError, ValueError, OSError) as e:
         click.echo(f"hpresilience agent: cannot start: {e}", err=True)
         sys.exit(2)
     sys.exit(daemon.run())

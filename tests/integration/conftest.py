@@ -30,7 +30,7 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str, inter
 
 
 @dataclass
-class TestCluster:
+class LiveCluster:
     dir: Path
     nodes: List[str]
 
@@ -80,9 +80,9 @@ def own_processes(directory: Path) -> List[str]:
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory) -> TestCluster:
+def cluster(tmp_path_factory) -> LiveCluster:
     directory = tmp_path_factory.mktemp("cluster")
-    c = TestCluster(directory, [f"n{i}" for i in range(1, NODES + 1)])
+    c = LiveCluster(directory, [f"n{i}" for i in range(1, NODES + 1)])
     saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "HPR_TESTCLUSTER_DIR")}
     started = time.monotonic()
     c.tc("up", "--nodes", str(NODES), "--port-base", str(PORT_BASE))
@@ -104,7 +104,7 @@ def cluster(tmp_path_factory) -> TestCluster:
 
 
 @pytest.fixture
-def tc(cluster) -> TestCluster:
+def tc(cluster) -> LiveCluster:
     """The cluster, reset to all-idle after the test."""
     yield cluster
     cluster.reset()

@@ -1,0 +1,110 @@
+"""The agent's configuration file (TOML), e.g. /etc/hpresilience/agent.toml.
+
+    [agent]
+    state_dir = "/var/lib/hpresilience/agent"
+    [kernel_log]
+    sources = ["kmsg"]                 # or "journal", or file paths like "/var/log/messages"
+    [policy]
+    default_state = "fail"
+    [policy.thresholds.OOM_SYSTEM]
+    count = 3
+    window_seconds = 600
+    [nvml]
+    startup_grace_seconds = 300
+    [system]
+    writable_mounts = ["/", "/scratch"]       # real mount points only
+
+Every key is optional; docs/agent.md lists them all with their defaults.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from ..config import load_file
+from .monitors.nvml import NvmlConfig
+from .monitors.system import SystemConfig
+
+SLURM_STATES = ("fail", "drain", "down")
+
+
+@dataclass
+class AgentSection:
+    node_name: Optional[str] = None          # default: $SLURMD_NODENAME, else the short hostname
+    state_dir: str = "/var/lib/hpresilience/agent"
+    check_interval_seconds: float = 1.0      # NVML and system checks
+    dry_run: bool = False                    # decide and log, never change Slurm
+    metrics_address: str = "0.0.0.0"
+    metrics_port: int = 9464                 # 0 turns the Prometheus endpoint off
+    log_level: str = "info"
+
+    def validate(self) -> None:
+        if self.check_interval_seconds <= 0:
+            raise ValueError("check_interval_seconds must be > 0")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port {self.metrics_port} is not a port number")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"log_level {self.log_level!r}: expected debug, info, warning or error")
+
+
+@dataclass
+class KernelLogConfig:
+    sources: List[str] = field(default_factory=lambda: ["kmsg"])
+    rules_file: Optional[str] = None          # admin rules merged over the shipped ones, by rule name
+    poll_interval_seconds: float = 0.1        # how often new lines are looked for (detection latency)
+    max_bytes_per_poll: int = 4 * 1024 * 1024  # bounds memory and CPU per poll in a flood
+
+    def validate(self) -> None:
+        if not 0 < self.poll_interval_seconds <= 10:
+            raise ValueError("poll_interval_seconds must be in (0, 10]")
+        if self.max_bytes_per_poll < 64 * 1024:
+            raise ValueError("max_bytes_per_poll must be at least 65536")
+
+
+@dataclass
+class Threshold:
+    """A finding counts only after `count` occurrences within `window_seconds`."""
+    count: int = 1
+    window_seconds: float = 600.0
+
+    def validate(self) -> None:
+        if self.count < 1 or self.window_seconds <= 0:
+            raise ValueError("count must be >= 1 and window_seconds > 0")
+
+
+def _default_thresholds() -> Dict[str, Threshold]:
+    # BRIEF §6: a system OOM is a node fault only when it repeats.
+    return {"OOM_SYSTEM": Threshold(count=3, window_seconds=600)}
+
+
+@dataclass
+class PolicyConfig:
+    default_state: str = "fail"               # fail (jobs finish) | drain | down (jobs killed now)
+    escalation_window_seconds: float = 86400  # reboot-class fault again within this after a reboot → Replace
+    log_repeat_seconds: float = 300           # the same finding is logged at most once per this
+    thresholds: Dict[str, Threshold] = field(default_factory=_default_thresholds)
+
+    def validate(self) -> None:
+        if self.default_state not in SLURM_STATES:
+            raise ValueError(f"default_state {self.default_state!r}: expected one of {', '.join(SLURM_STATES)}")
+        if self.escalation_window_seconds < 0:
+            raise ValueError("escalation_window_seconds must be >= 0")
+
+
+@dataclass
+class AgentConfig:
+    agent: AgentSection = field(default_factory=AgentSection)
+    kernel_log: KernelLogConfig = field(default_factory=KernelLogConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    nvml: NvmlConfig = field(default_factory=NvmlConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
+
+    @classmethod
+    def load(cls, path: Optional[Path]) -> AgentConfig:
+        config = load_file(cls, path)
+        # Thresholds given in the file replace the defaults one code at a time, not wholesale.
+        merged = _default_thresholds()
+        merged.update(config.policy.thresholds)
+        config.policy.thresholds = merged
+        return config

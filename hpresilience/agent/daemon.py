@@ -1,0 +1,234 @@
+"""`hpresilience agent`: the node agent's main loop.
+
+Two threads: the main thread follows the kernel log (every poll_interval, for
+sub-second detection) and applies decisions; a monitor thread runs the NVML
+and system checks every check_interval. A monitor that hangs or fails costs a
+MonitorError and a metric, never the loop: the main thread keeps reading logs
+and pinging systemd's watchdog.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import structlog
+from prometheus_client import start_http_server
+
+from ..config import ConfigError
+from ..finding import Finding, NodeAction
+from ..sdnotify import Notifier
+from ..slurm import SlurmGateway
+from .actuator import Actuator, Outcome
+from .config import AgentConfig
+from .kernel_rules import RulesError, RuleSet, load_rules
+from .logsource import LogSource, LogSourceError, open_source
+from .metrics import AgentMetrics
+from .monitor import Monitor, MonitorError
+from .monitors.nvml import NvmlMonitor, gpu_for_pci_bus_id
+from .monitors.system import SystemMonitor
+from .node import boot_time, node_name
+from .policy import Policy
+
+log = structlog.get_logger(__name__)
+
+
+def build_monitors(config: AgentConfig) -> List[Monitor]:
+    monitors: List[Monitor] = []
+    if config.nvml.enabled:
+        monitors.append(NvmlMonitor(config.nvml))
+    if config.system.enabled:
+        monitors.append(SystemMonitor(config.system))
+    return monitors
+
+
+def run_monitor(monitor: Monitor, metrics: AgentMetrics) -> Optional[List[Finding]]:
+    """One timed pass of one monitor; None when the monitor could not look."""
+    started = time.monotonic()
+    try:
+        findings = monitor.check()
+    except MonitorError as e:
+        metrics.check_errors.labels(monitor.name).inc()
+        metrics.check_healthy.labels(monitor.name).set(-1)
+        log.warning("agent.check_failed", check=monitor.name, error=str(e))
+        return None
+    finally:
+        metrics.check_duration.labels(monitor.name).observe(time.monotonic() - started)
+    unhealthy = any(f.action is not NodeAction.NONE for f in findings)
+    metrics.check_healthy.labels(monitor.name).set(0 if unhealthy else 1)
+    return findings
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, config_path: Optional[Path] = None,
+                 gateway: Optional[SlurmGateway] = None, notifier: Optional[Notifier] = None):
+        self.config_path = config_path
+        self.gateway = gateway or SlurmGateway()
+        self.notifier = notifier or Notifier()
+        self.metrics = AgentMetrics()
+        self.boot_time = boot_time()
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._lock = threading.Lock()
+        self._state_findings: Dict[str, List[Finding]] = {}
+        self._monitor_thread: Optional[threading.Thread] = None
+        self._monitor_stop = threading.Event()
+        self._configure(config)
+
+    # -------------------------------------------------------------- set-up
+    def _configure(self, config: AgentConfig) -> None:
+        """Build everything a configuration implies; raises before changing anything."""
+        rules: RuleSet = load_rules(Path(config.kernel_log.rules_file) if config.kernel_log.rules_file else None)
+        state_dir = Path(config.agent.state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        sources = [open_source(spec, state_dir) for spec in config.kernel_log.sources]
+        self.config = config
+        self.rules = rules
+        self.sources: List[LogSource] = sources
+        self.node_name = node_name(config.agent.node_name)
+        self.policy = Policy(config.policy, state_dir)
+        self.policy.drop_events_before(self.boot_time)
+        self.actuator = Actuator(self.gateway, self.node_name, dry_run=config.agent.dry_run)
+        self.monitors = build_monitors(config)
+
+    def _start_monitor_thread(self) -> None:
+        self._monitor_stop = threading.Event()
+        thread = threading.Thread(target=self._monitor_loop, args=(self.monitors, self._monitor_stop),
+                                  name="monitors", daemon=True)
+        thread.start()
+        self._monitor_thread = thread
+
+    def _stop_monitor_thread(self) -> None:
+        self._monitor_stop.set()
+        if self._monitor_thread:
+            # A monitor stuck in a hung driver call is a daemon thread: do not wait on it forever.
+            self._monitor_thread.join(timeout=5)
+        for monitor in self.monitors:
+            monitor.close()
+
+    # ---------------------------------------------------------------- loops
+    def _monitor_loop(self, monitors: List[Monitor], stop: threading.Event) -> None:
+        while not stop.is_set():
+            for monitor in monitors:
+                findings = run_monitor(monitor, self.metrics)
+                if findings is None:
+                    continue  # keep the last known state: "the checker failed" is not "healthy"
+                self._record(findings, monitor.name)
+                with self._lock:
+                    self._state_findings[monitor.name] = findings
+            stop.wait(self.config.agent.check_interval_seconds)
+
+    def _record(self, findings: List[Finding], source: str) -> None:
+        for finding in findings:
+            self.metrics.findings.labels(finding.code, finding.action.value).inc()
+            if self.policy.should_log(finding.key):
+                log.info("agent.finding", node=self.node_name, source=source, **finding.to_dict())
+
+    def gpu_for_pci(self, pci: str) -> Optional[str]:
+        """The NVML index of the GPU at the PCI id in an XID line, from the last NVML
+        snapshot, so kernel-log and NVML findings name a GPU the same way."""
+        nvml = next((m for m in self.monitors if isinstance(m, NvmlMonitor)), None)
+        snapshot = nvml.last_snapshot if nvml else None
+        found = gpu_for_pci_bus_id(snapshot, pci) if snapshot else None
+        return str(found[0]) if found else None
+
+    def read_kernel_log(self) -> None:
+        budget = self.config.kernel_log.max_bytes_per_poll
+        for source in self.sources:
+            lines = source.read(budget)
+            self.metrics.log_lines.labels(source.name).inc(len(lines))
+            self.metrics.log_lag.labels(source.name).set(source.lag_bytes())
+            found = [f for f in (self.rules.classify(line.text, self.gpu_for_pci) for line in lines) if f is not None]
+            if found:
+                counted = self.policy.add_events(found)
+                self._record(counted, source.name)
+
+    def decide_and_act(self) -> Optional[Outcome]:
+        with self._lock:
+            state = [f for findings in self._state_findings.values() for f in findings]
+        decision = self.policy.decide(state, self.boot_time)
+        self.metrics.pending_events.set(len(self.policy.pending_events))
+        if decision is None:
+            return None
+        outcome = self.actuator.apply(decision)
+        self.metrics.actions.labels(decision.action.value, outcome.value).inc()
+        if outcome.settled:
+            self.policy.resolved(decision, applied=outcome is Outcome.APPLIED, boot_time=self.boot_time)
+        if outcome is not Outcome.APPLIED and self.policy.should_log(f"{outcome.value}:{decision.findings[0].key}"):
+            log.info("agent.action", outcome=outcome.value, node=self.node_name, action=decision.action.value,
+                     detail=decision.detail)
+        return outcome
+
+    def poll_once(self) -> Optional[Outcome]:
+        self.read_kernel_log()
+        return self.decide_and_act()
+
+    def reload(self) -> bool:
+        """Re-read the config file; keep running on the old one if it is bad."""
+        try:
+            config = AgentConfig.load(self.config_path)
+            load_rules(Path(config.kernel_log.rules_file) if config.kernel_log.rules_file else None)
+        except (ConfigError, RulesError) as e:
+            log.error("agent.reload_failed", error=str(e), config=str(self.config_path))
+            return False
+        self._stop_monitor_thread()
+        for source in self.sources:
+            source.close()  # before reopening: a source's close() saves its cursor
+        old = self.config
+        try:
+            self._configure(config)
+        except (LogSourceError, ValueError, OSError) as e:
+            log.error("agent.reload_failed", error=str(e), config=str(self.config_path))
+            self._configure(old)
+            self._start_monitor_thread()
+            return False
+        self._start_monitor_thread()
+        log.info("agent.reloaded", config=str(self.config_path))
+        return True
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+        if self.config.agent.metrics_port:
+            start_http_server(self.config.agent.metrics_port, self.config.agent.metrics_address,
+                              registry=self.metrics.registry)
+        self._start_monitor_thread()
+        self.notifier.ready(f"watching {self.node_name}: {', '.join(s.name for s in self.sources)}")
+        log.info("agent.started", node=self.node_name, sources=[s.name for s in self.sources],
+                 monitors=[m.name for m in self.monitors], dry_run=self.config.agent.dry_run)
+        last_status = last_ping = 0.0
+        ping_every = min(1.0, Notifier.watchdog_interval() or 1.0)
+        try:
+            while not self._stop.is_set():
+                self.poll_once()
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self.reload()
+                now = time.monotonic()
+                if now - last_ping >= ping_every:
+                    last_ping = now
+                    self.notifier.watchdog()
+                if now - last_status >= 5:
+                    last_status = now
+                    self.notifier.status(self._status_text())
+                self._stop.wait(self.config.kernel_log.poll_interval_seconds)
+        finally:
+            self.notifier.stopping()
+            self._stop_monitor_thread()
+            for source in self.sources:
+                source.close()
+            log.info("agent.stopped", node=self.node_name)
+        return 0
+
+    def _status_text(self) -> str:
+        with self._lock:
+            faults = sorted({f.code for fs in self._state_findings.values() for f in fs
+                             if f.action is not NodeAction.NONE})
+        pending = len(self.policy.pending_events)
+        return f"{self.node_name}: {'faults ' + ','.join(faults) if faults else 'healthy'}, {pending} pending events"

@@ -1,0 +1,223 @@
+"""One kernel-log line, in whatever form it arrives, reduced to its message.
+
+The agent reads /dev/kmsg, the journal or a syslog file, and admins paste
+lines from any of them into the CLI; the rules only ever see the message::
+
+    >>> parse_line("Nov 22 11:20:21 n2 kernel: NVRM: Xid (PCI:0000:b9:00): 74, NVLink").text
+    'NVRM: Xid (PCI:0000:b9:00): 74, NVLink'
+    >>> parse_line("6,1234,5678901,-;NVRM: GPU at PCI:0000:b9:00").uptime
+    5.678901
+    >>> parse_line(" SUBSYSTEM=pci") is None      # /dev/kmsg metadata continuation
+    True
+
+Forms, told apart by their prefix:
+
+    syslog     Nov 22 11:20:21 n2 kernel: ...   (also `journalctl -k`, short and short-precise)
+    rfc3339    2026-11-22T11:20:21.123456+00:00 n2 kernel: ...   (rsyslog, journalctl -o short-iso)
+    dmesg      [12345.678901] ...   `dmesg -x`: kern  :err   : [12345.678901] ...
+               `journalctl -k -o short-monotonic`: [12345.678901] n2 kernel: ...
+    dmesg -T   [Sun Nov 22 11:20:21 2026] ...
+    kmsg       6,1234,5678901,-;...   (/dev/kmsg)
+    bare       NVRM: ...
+
+Anything else is taken as a bare message. Parsing never raises: kernel-log
+bytes are untrusted input, and an exception here would be a crash loop in the
+agent. Only the first MAX_LINE_CHARS characters are looked at: fault lines are
+short, and a 1 MB line must not cost the agent a megabyte of regex work.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import re
+import time
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+MAX_LINE_CHARS = 4096
+
+_MONTHS = {m: i for i, m in enumerate(
+    ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), start=1)}
+_MONTH_RE = "(?P<mon>Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+_CLOCK_RE = r"(?P<hh>\d\d):(?P<mi>\d\d):(?P<ss>\d\d)"
+
+# "<6>" in front of a line read from /proc/kmsg or sent raw over syslog.
+_PRI_RE = re.compile(r"<(?P<pri>\d{1,3})>")
+# /dev/kmsg: "priority,sequence,microseconds,flags[,more];message".
+_KMSG_RE = re.compile(r"(?P<pri>\d{1,4}),(?P<seq>\d{1,20}),(?P<usec>\d{1,20}),[^;]{0,64};")
+# The host is optional (some syslog templates drop it); it never contains a colon, which is what
+# keeps "Nov 22 11:20:21 kernel: NVRM: Xid" from reading as host "kernel:", tag "NVRM".
+_HEADER_TAIL = r" (?:(?P<host>[^\s:]{1,255}) )?(?P<tag>[^\s:\[\]]{1,128})(?:\[\d{1,10}\])?: ?"
+_SYSLOG_RE = re.compile(_MONTH_RE + r" {1,2}(?P<dd>\d{1,2}) " + _CLOCK_RE + r"(?P<frac>\.\d{1,9})?" + _HEADER_TAIL)
+_RFC3339_RE = re.compile(
+    r"(?P<yy>\d{4})-(?P<mo>\d\d)-(?P<dd>\d\d)[T ]" + _CLOCK_RE
+    + r"(?P<frac>\.\d{1,9})?(?P<tz>Z|[+-]\d\d:?\d\d)?" + _HEADER_TAIL
+)
+_DMESG_X_RE = re.compile(r"(?P<facility>[a-z]{2,8}) *:(?P<level>[a-z]{3,6}) *: ")
+_UPTIME_RE = re.compile(r"\[ *(?P<uptime>\d{1,12}\.\d{1,9})\] ?")
+_DMESG_T_RE = re.compile(
+    r"\[(?:[A-Z][a-z]{2} )?" + _MONTH_RE + r" {1,2}(?P<dd>\d{1,2}) " + _CLOCK_RE + r"(?: (?P<yy>\d{4}))?\] ?"
+)
+# `journalctl -k -o short-monotonic`: "[12345.678901] n2 kernel: ...".
+_JOURNAL_MONO_RE = re.compile(r"(?:(?P<host>[^\s:]{1,255}) )?kernel: ")
+# CONFIG_PRINTK_CALLER adds "[ T1234]" (task) or "[ C3]" (CPU) after the timestamp.
+_CALLER_RE = re.compile(r"\[ *[TC]\d{1,10}\] ?")
+# `journalctl` markers such as "-- Boot 8f2e... --" and "-- No entries --".
+_JOURNAL_MARKER_RE = re.compile(r"-- .* --\Z")
+# A /dev/kmsg continuation line: " SUBSYSTEM=pci", " DEVICE=+pci:0000:b9:00.0".
+_KMSG_META_RE = re.compile(r"\s+[A-Za-z_][\w.-]*=")
+
+_DMESG_X_LEVELS = ("emerg", "alert", "crit", "err", "warn", "notice", "info", "debug")
+
+
+@dataclass(frozen=True)
+class KernelLine:
+    """The message of one log line and what its prefix said about it."""
+    text: str                          # the message alone: timestamps, host and "kernel:" stripped
+    form: str                          # syslog, rfc3339, dmesg, dmesg_t, kmsg, bare
+    wall_time: Optional[float] = None  # epoch seconds, when the line carries a date
+    uptime: Optional[float] = None     # seconds since boot (dmesg, /dev/kmsg)
+    host: Optional[str] = None
+    level: Optional[int] = None        # 0 (emerg) .. 7 (debug), when the line says
+    seq: Optional[int] = None          # /dev/kmsg sequence number: tells replays and gaps
+    # False when the prefix says another program wrote it: a syslog tag other than "kernel",
+    # a /dev/kmsg record with a userspace facility. `logger "NVRM: Xid ... 79"` from a job
+    # must not be able to take a node out of service.
+    from_kernel: bool = True
+
+
+def parse_line(line: Union[str, bytes], *, now: Optional[float] = None) -> Optional[KernelLine]:
+    """The message in `line`, or None when the line holds none (blank, metadata, journal marker).
+
+    `now` (epoch seconds) places syslog dates, which have no year: the year is the one that puts
+    the date at most a day in the future."""
+    if isinstance(line, (bytes, bytearray, memoryview)):
+        line = bytes(line[: MAX_LINE_CHARS * 4]).decode("utf-8", errors="replace")
+    if not isinstance(line, str):
+        return None
+    line = line[:MAX_LINE_CHARS].replace("\x00", "\ufffd").rstrip("\r\n")
+    if not line.strip() or _KMSG_META_RE.match(line):
+        return None
+    line = line.strip()
+    if _JOURNAL_MARKER_RE.fullmatch(line):
+        return None
+
+    level: Optional[int] = None
+    from_kernel = True
+    pri = _PRI_RE.match(line)
+    if pri:
+        level, from_kernel = _decode_priority(int(pri["pri"]))
+        line = line[pri.end():]
+    parsed = (_parse_kmsg(line, level, from_kernel) or _parse_syslog(line, level, from_kernel, now)
+              or _parse_dmesg(line, level, from_kernel, now))
+    if parsed is None:
+        parsed = KernelLine(text=line, form="bare", level=level, from_kernel=from_kernel)
+    return parsed if parsed.text else None
+
+
+def _decode_priority(pri: int) -> Tuple[int, bool]:
+    """Syslog priority → (level, facility is the kernel)."""
+    return pri & 7, pri >> 3 == 0
+
+
+def _parse_kmsg(line: str, level: Optional[int], from_kernel: bool) -> Optional[KernelLine]:
+    if not line[:1].isdigit():
+        return None
+    m = _KMSG_RE.match(line)
+    if m is None:
+        return None
+    level, from_kernel = _decode_priority(int(m["pri"]))
+    return KernelLine(text=line[m.end():].strip(), form="kmsg", uptime=int(m["usec"]) / 1e6,
+                      level=level, seq=int(m["seq"]), from_kernel=from_kernel)
+
+
+def _parse_syslog(line: str, level: Optional[int], from_kernel: bool, now: Optional[float]) -> Optional[KernelLine]:
+    first = line[:1]
+    if first.isdigit():
+        m = _RFC3339_RE.match(line)
+        form = "rfc3339"
+    elif first.isalpha():
+        m = _SYSLOG_RE.match(line)
+        form = "syslog"
+    else:
+        return None
+    if m is None:
+        return None
+    wall = _rfc3339_time(m) if form == "rfc3339" else _syslog_time(m, now)
+    rest = line[m.end():]
+    # rsyslog's imklog keeps the kernel's own "[12345.678901]" in front of the message.
+    uptime = None
+    up = _UPTIME_RE.match(rest)
+    if up:
+        uptime = float(up["uptime"])
+        rest = rest[up.end():]
+    return KernelLine(text=rest.strip(), form=form, wall_time=wall, uptime=uptime, host=m["host"],
+                      level=level, from_kernel=from_kernel and m["tag"] == "kernel")
+
+
+def _parse_dmesg(line: str, level: Optional[int], from_kernel: bool, now: Optional[float]) -> Optional[KernelLine]:
+    x = _DMESG_X_RE.match(line)
+    if x:
+        from_kernel = x["facility"] == "kern"
+        if x["level"] in _DMESG_X_LEVELS:
+            level = _DMESG_X_LEVELS.index(x["level"])
+        line = line[x.end():]
+    if not line.startswith("["):
+        return KernelLine(text=line.strip(), form="dmesg", level=level, from_kernel=from_kernel) if x else None
+    up = _UPTIME_RE.match(line)
+    if up:
+        rest, form, uptime, wall = line[up.end():], "dmesg", float(up["uptime"]), None
+    else:
+        t = _DMESG_T_RE.match(line)
+        if t is None:
+            return KernelLine(text=line, form="dmesg", level=level, from_kernel=from_kernel) if x else None
+        rest, form, uptime, wall = line[t.end():], "dmesg_t", None, _syslog_time(t, now)
+    host = None
+    journal = _JOURNAL_MONO_RE.match(rest) if form == "dmesg" else None
+    if journal:
+        host, rest = journal["host"], rest[journal.end():]
+    caller = _CALLER_RE.match(rest)
+    if caller:
+        rest = rest[caller.end():]
+    return KernelLine(text=rest.strip(), form=form, wall_time=wall, uptime=uptime, host=host, level=level,
+                      from_kernel=from_kernel)
+
+
+def _syslog_time(m: re.Match, now: Optional[float]) -> Optional[float]:
+    """Local time of a "Nov 22 11:20:21" stamp; the year, when absent, is inferred from `now`."""
+    now = time.time() if now is None else now
+    try:
+        month, day = _MONTHS[m["mon"]], int(m["dd"])
+        hms = (int(m["hh"]), int(m["mi"]), int(m["ss"]))
+        frac = float(m["frac"]) if "frac" in m.re.groupindex and m["frac"] else 0.0
+        year_text = m["yy"] if "yy" in m.re.groupindex else None
+        if year_text:
+            return dt.datetime(int(year_text), month, day, *hms).timestamp() + frac
+        year = dt.datetime.fromtimestamp(now).year
+        for candidate in (year, year - 1):
+            try:
+                stamp = dt.datetime(candidate, month, day, *hms).timestamp() + frac
+            except ValueError:
+                continue  # Feb 29 outside a leap year: try the year before
+            if stamp <= now + 86400:
+                return stamp
+    except (ValueError, OverflowError, OSError):
+        pass
+    return None
+
+
+def _rfc3339_time(m: re.Match) -> Optional[float]:
+    try:
+        tz = m["tz"]
+        if tz is None:
+            tzinfo = None  # no offset: local time, like syslog
+        elif tz == "Z":
+            tzinfo = dt.timezone.utc
+        else:
+            digits = tz[1:].replace(":", "")
+            offset = dt.timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
+            tzinfo = dt.timezone(offset if tz[0] == "+" else -offset)
+        stamp = dt.datetime(int(m["yy"]), int(m["mo"]), int(m["dd"]), int(m["hh"]), int(m["mi"]), int(m["ss"]),
+                            tzinfo=tzinfo).timestamp()
+        return stamp + (float(m["frac"]) if m["frac"] else 0.0)
+    except (ValueError, OverflowError, OSError):
+        return None

@@ -1,0 +1,652 @@
+"""The NVML GPU monitor of the node agent.
+
+Collection (`NvmlCollector.collect`, which talks to the driver through pynvml)
+is kept apart from evaluation (`evaluate`, a pure function of two snapshots),
+so every fault rule is tested with plain data and the NVML path with the real
+pynvml against a fake libnvidia-ml (tests/fake_nvml).
+
+`NvmlMonitor` runs all NVML work on one dedicated thread and waits for it with
+a timeout, so a hung driver blocks that thread and never the agent.
+
+XIDs: NVML delivers XID critical-error events, but it cannot report every XID
+(79, 119 and 120 are missed, DCGM #162) and the XID -> action mapping is owned
+by the kernel-log rules. The monitor therefore reports each XID it sees as a
+finding `XID_<n>` with action NONE and the same entity the kernel-log monitor
+uses ("GPU <index> (<pci bus id>)"); the agent de-duplicates on
+`Finding.key` and keeps the strongest action.
+"""
+from __future__ import annotations
+
+import ctypes
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, TypeVar
+
+import pynvml
+import structlog
+
+from ...finding import Finding, NodeAction
+from ..monitor import MonitorError
+
+log = structlog.get_logger(__name__)
+
+MONITOR = "nvml"
+T = TypeVar("T")
+
+# nvml.h clock event ("throttle") reasons that mean the hardware protects itself.
+THROTTLE_REASONS: Dict[int, str] = {
+    pynvml.nvmlClocksEventReasonHwSlowdown: "HW slowdown",
+    pynvml.nvmlClocksEventReasonSwThermalSlowdown: "SW thermal slowdown",
+    pynvml.nvmlClocksEventReasonHwThermalSlowdown: "HW thermal slowdown",
+    pynvml.nvmlClocksEventReasonHwPowerBrakeSlowdown: "HW power brake",
+}
+DEFAULT_THROTTLE_MASK = 0xE8  # all of the above, as Azure's health agent uses
+
+NVLINK_COUNTERS: Dict[str, int] = {
+    "replay": pynvml.NVML_NVLINK_ERROR_DL_REPLAY,
+    "recovery": pynvml.NVML_NVLINK_ERROR_DL_RECOVERY,
+    "crc_flit": pynvml.NVML_NVLINK_ERROR_DL_CRC_FLIT,
+    "crc_data": pynvml.NVML_NVLINK_ERROR_DL_CRC_DATA,
+}
+# DCGM's hardware limits: 1 replay/recovery error per second; CRC errors only
+# matter at 100+ per second.
+DEFAULT_NVLINK_RATES: Dict[str, float] = {"replay": 60.0, "recovery": 60.0, "crc_flit": 6000.0, "crc_data": 6000.0}
+
+RECOVERY_ACTIONS: Dict[int, str] = {
+    pynvml.NVML_GPU_RECOVERY_ACTION_GPU_RESET: "GPU_RESET",
+    pynvml.NVML_GPU_RECOVERY_ACTION_NODE_REBOOT: "NODE_REBOOT",
+    pynvml.NVML_GPU_RECOVERY_ACTION_DRAIN_P2P: "DRAIN_P2P",
+    pynvml.NVML_GPU_RECOVERY_ACTION_DRAIN_AND_RESET: "DRAIN_AND_RESET",
+    pynvml.NVML_GPU_RECOVERY_ACTION_RECOVER_IMEX_DOMAIN: "RECOVER_IMEX_DOMAIN",
+    pynvml.NVML_GPU_RECOVERY_ACTION_BUS_RESET: "BUS_RESET",
+    pynvml.NVML_GPU_RECOVERY_ACTION_SYSTEM_REBOOT: "SYSTEM_REBOOT",
+}
+
+# Answers that mean "this GPU or driver does not have it": skip the value, never a fault.
+_ABSENT = (pynvml.NVMLError_NotSupported, pynvml.NVMLError_FunctionNotFound, pynvml.NVMLError_NoPermission)
+# Answers that mean the GPU itself is gone or unusable until a reset.
+_LOST = (pynvml.NVMLError_GpuIsLost, pynvml.NVMLError_ResetRequired)
+
+
+@dataclass
+class NvmlConfig:
+    enabled: bool = True
+    expected_gpus: Optional[int] = None      # None: the most GPUs seen since the agent started
+    startup_grace_seconds: float = 300.0     # no GPU-count verdict before this: drivers load slowly after boot
+    call_timeout_seconds: float = 5.0        # one NVML call longer than this = hung driver (MonitorError)
+    pass_timeout_seconds: float = 60.0       # one whole collection, however busy the calls
+    nvlink: bool = True
+    nvlink_error_rate_per_min: Dict[str, float] = field(default_factory=lambda: dict(DEFAULT_NVLINK_RATES))
+    throttle_mask: int = DEFAULT_THROTTLE_MASK
+    event_wait_ms: int = 50                  # first XID event wait of a check; the rest only drain the queue
+    max_events_per_check: int = 1000         # an XID flood is read over several checks, never in one
+
+
+# ---- snapshot ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NvLinkStatus:
+    link: int
+    active: bool
+    was_active: bool                  # active in this or an earlier collection of this agent run
+    errors: Mapping[str, int] = field(default_factory=dict)  # counter name -> value (since driver load)
+
+
+@dataclass(frozen=True)
+class GpuStatus:
+    index: int
+    uuid: Optional[str] = None
+    pci_bus_id: Optional[str] = None  # normalized: 0000:b9:00.0
+    lost: bool = False
+    lost_error: str = ""              # the NVML error that said so
+    ecc_dbe_volatile: Optional[int] = None  # None: not supported / ECC off
+    remap_pending: Optional[bool] = None
+    remap_failure: Optional[bool] = None
+    retired_pages_pending: Optional[bool] = None
+    nvlinks: Tuple[NvLinkStatus, ...] = ()  # empty on PCIe GPUs
+    throttle_reasons: Optional[int] = None
+    recovery_action: Optional[int] = None
+
+    @property
+    def entity(self) -> str:
+        return gpu_entity(self.index, self.pci_bus_id)
+
+
+@dataclass(frozen=True)
+class XidEvent:
+    gpu_index: int                    # -1 when the event's device handle is unknown
+    xid: int
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class NvmlSnapshot:
+    taken_at: float                   # the monitor's clock (monotonic seconds)
+    gpu_count: int
+    gpus: Tuple[GpuStatus, ...] = ()
+    xid_events: Tuple[XidEvent, ...] = ()
+    missing: Tuple[str, ...] = ()     # PCI bus ids seen earlier in this agent run, no longer listed
+    init_error: Optional[str] = None  # NVML could not start (driver not loaded): gpu_count is 0
+
+
+def gpu_entity(index: int, pci_bus_id: Optional[str]) -> str:
+    return f"GPU {index} ({pci_bus_id})" if pci_bus_id else f"GPU {index}"
+
+
+_PCI_RE = re.compile(r"^(?:PCI:)?(?:([0-9a-f]{1,8}):)?([0-9a-f]{1,2}):([0-9a-f]{1,2})(?:\.([0-7]))?$", re.IGNORECASE)
+
+
+def normalize_pci_bus_id(text: str) -> str:
+    """NVML, the kernel and sysfs spell one GPU differently; compare in sysfs form.
+
+    >>> [normalize_pci_bus_id(t) for t in ("00000000:B9:00.0", "PCI:0000:b9:00", "b9:00.0")]
+    ['0000:b9:00.0', '0000:b9:00.0', '0000:b9:00.0']
+    """
+    m = _PCI_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"not a PCI bus id: {text!r}")
+    domain, bus, device, function = m.groups()
+    # NVIDIA GPUs are function 0; the kernel's XID lines leave it out.
+    return f"{int(domain or '0', 16):04x}:{int(bus, 16):02x}:{int(device, 16):02x}.{function or '0'}"
+
+
+def gpu_for_pci_bus_id(snapshot: NvmlSnapshot, bus_id: str) -> Optional[Tuple[int, Optional[str]]]:
+    """(index, uuid) of the GPU at a bus id as the kernel writes it ("0000:b9:00", "b9:00.0"); None if unknown."""
+    try:
+        wanted = normalize_pci_bus_id(bus_id)
+    except ValueError:
+        return None
+    for gpu in snapshot.gpus:
+        if gpu.pci_bus_id == wanted:
+            return gpu.index, gpu.uuid
+    return None
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+
+
+def evaluate(snapshot: NvmlSnapshot, previous: Optional[NvmlSnapshot], config: NvmlConfig, now: float,
+             started_at: float) -> List[Finding]:
+    """What is wrong now. `now` and `started_at` are on the snapshots' clock.
+
+    Counter rates use the difference to `previous`, never totals since driver
+    load: a link that erred last week is not failing now."""
+    findings = _check_count(snapshot, config, now, started_at)
+    before = {g.index: g for g in previous.gpus} if previous else {}
+    elapsed = snapshot.taken_at - previous.taken_at if previous else 0.0
+    for gpu in snapshot.gpus:
+        findings.extend(_check_gpu(gpu, before.get(gpu.index), elapsed, config))
+    entities = {g.index: g.entity for g in snapshot.gpus}
+    for event in snapshot.xid_events:
+        entity = entities.get(event.gpu_index, gpu_entity(event.gpu_index, None))
+        findings.append(_finding(f"XID_{event.xid}", NodeAction.NONE, f"{entity} XID {event.xid} (NVML event)",
+                                 entity, f"nvmlEventTypeXidCriticalError xid={event.xid} count={event.count}"))
+    return findings
+
+
+def _finding(code: str, action: NodeAction, message: str, entity: Optional[str], evidence: str,
+             component: str = "gpu") -> Finding:
+    return Finding(monitor=MONITOR, code=code, action=action, message=message, component=component,
+                   entity=entity, evidence=evidence)
+
+
+def _check_count(snapshot: NvmlSnapshot, config: NvmlConfig, now: float, started_at: float) -> List[Finding]:
+    expected = config.expected_gpus
+    if expected is None or snapshot.gpu_count >= expected or now - started_at < config.startup_grace_seconds:
+        return []
+    evidence = f"nvmlDeviceGetCount={snapshot.gpu_count}"
+    if snapshot.init_error:
+        evidence = f"nvmlInit failed: {snapshot.init_error}"
+    elif snapshot.missing:
+        evidence += f"; missing {' '.join(snapshot.missing)}"
+    return [_finding("GPU_COUNT_LOW", NodeAction.REBOOT, f"GPU count {snapshot.gpu_count} < expected {expected}",
+                     None, evidence)]
+
+
+def _check_gpu(gpu: GpuStatus, before: Optional[GpuStatus], elapsed: float, config: NvmlConfig) -> List[Finding]:
+    name = gpu.entity
+    if gpu.lost:
+        return [_finding("GPU_LOST", NodeAction.REBOOT, f"{name} lost (fell off the bus or needs a reset)", name,
+                         gpu.lost_error)]
+    out: List[Finding] = []
+    if gpu.ecc_dbe_volatile:
+        out.append(_finding("ECC_DBE_VOLATILE", NodeAction.REBOOT,
+                            f"{name} {gpu.ecc_dbe_volatile} uncorrectable ECC errors since driver load", name,
+                            f"volatile uncorrected ECC count={gpu.ecc_dbe_volatile}", component="memory"))
+    if gpu.remap_failure:
+        out.append(_finding("ROW_REMAP_FAILURE", NodeAction.REPLACE, f"{name} row remapping failed", name,
+                            "nvmlDeviceGetRemappedRows failureOccurred=1", component="memory"))
+    if gpu.remap_pending:
+        out.append(_finding("ROW_REMAP_PENDING", NodeAction.REBOOT, f"{name} row remap pending, needs a reset", name,
+                            "nvmlDeviceGetRemappedRows isPending=1", component="memory"))
+    if gpu.retired_pages_pending:
+        out.append(_finding("RETIRED_PAGES_PENDING", NodeAction.REBOOT, f"{name} page retirement pending", name,
+                            "nvmlDeviceGetRetiredPagesPendingStatus=1", component="memory"))
+    if gpu.recovery_action:
+        what = RECOVERY_ACTIONS.get(gpu.recovery_action, str(gpu.recovery_action))
+        # Every recovery action the driver can ask for is a GPU/bus reset or more;
+        # the agent's reset is a node reboot, and a repeat escalates to replace.
+        out.append(_finding("GPU_RECOVERY_ACTION", NodeAction.REBOOT, f"{name} driver asks for {what}", name,
+                            f"NVML_FI_DEV_GET_GPU_RECOVERY_ACTION={gpu.recovery_action}"))
+    if config.nvlink:
+        out.extend(_check_nvlink(gpu, before, elapsed, config))
+    throttled = (gpu.throttle_reasons or 0) & config.throttle_mask
+    if throttled:
+        # Throttling is the GPU protecting itself from heat or power: a reboot does
+        # not fix the cooling, so it is reported (logged, counted, alerted on) but
+        # drains nothing; its damage shows up as slow steps, not as wrong results.
+        reasons = ", ".join(text for bit, text in THROTTLE_REASONS.items() if throttled & bit) or hex(throttled)
+        out.append(_finding("GPU_THROTTLED", NodeAction.NONE, f"{name} throttled: {reasons}", name,
+                            f"clocks event reasons={gpu.throttle_reasons:#x}"))
+    return out
+
+
+def _check_nvlink(gpu: GpuStatus, before: Optional[GpuStatus], elapsed: float, config: NvmlConfig) -> List[Finding]:
+    name = gpu.entity
+    out: List[Finding] = []
+    # Only a link that was up during this agent run counts as down: unused or
+    # never-trained links of a partial topology are not faults. A link that went
+    # down needs retraining, i.e. a GPU reset: reboot; if it is down again after
+    # the reboot the agent's escalation turns that into replace.
+    down = [link.link for link in gpu.nvlinks if link.was_active and not link.active]
+    if down:
+        out.append(_finding("NVLINK_DOWN", NodeAction.REBOOT, f"{name} NVLink down: link {','.join(map(str, down))}",
+                            name, f"nvmlDeviceGetNvLinkState=0 links={down}", component="nvlink"))
+    rates = _nvlink_rates(gpu, before, elapsed)
+    over = [f"link {link} {counter} {rate:.0f}/min > {config.nvlink_error_rate_per_min[counter]:.0f}/min"
+            for (link, counter), rate in rates.items()
+            if counter in config.nvlink_error_rate_per_min and rate > config.nvlink_error_rate_per_min[counter]]
+    if over:
+        # A high error rate on a link that stays up is a bad link, cable or
+        # connector: NVIDIA's catalog says WORKFLOW_NVLINK_ERR, which maps to replace.
+        out.append(_finding("NVLINK_ERRORS", NodeAction.REPLACE, f"{name} NVLink errors: {'; '.join(over)}", name,
+                            f"over {elapsed:.0f}s", component="nvlink"))
+    return out
+
+
+def _nvlink_rates(gpu: GpuStatus, before: Optional[GpuStatus], elapsed: float) -> Dict[Tuple[int, str], float]:
+    if before is None or before.lost or elapsed <= 0 or (gpu.uuid and before.uuid and gpu.uuid != before.uuid):
+        return {}
+    old = {link.link: link.errors for link in before.nvlinks}
+    rates: Dict[Tuple[int, str], float] = {}
+    for link in gpu.nvlinks:
+        for counter, value in link.errors.items():
+            previous = old.get(link.link, {}).get(counter)
+            # A counter that went down was reset (driver reload): no rate this time.
+            if previous is not None and value >= previous:
+                rates[(link.link, counter)] = (value - previous) * 60.0 / elapsed
+    return rates
+
+
+# ---- collection ----------------------------------------------------------------------------------
+
+
+class CallTracker:
+    """Runs NVML calls and remembers which one is in flight and since when, so
+    another thread can tell a hung driver from a slow pass."""
+
+    def __init__(self) -> None:
+        self._current: Optional[Tuple[str, float]] = None
+
+    def __call__(self, fn: Callable[..., T], *args: Any) -> T:
+        self._current = (fn.__name__, time.monotonic())
+        try:
+            return fn(*args)
+        finally:
+            self._current = None
+
+    def in_flight(self) -> Optional[Tuple[str, float]]:
+        """(function name, seconds since it was called), or None when idle."""
+        current = self._current
+        return (current[0], time.monotonic() - current[1]) if current else None
+
+
+class NvmlCollector:
+    """Reads the GPUs through pynvml; owns the NVML session and the XID event set.
+
+    Not thread-safe: one thread (the monitor's NVML thread) does all the calls."""
+
+    def __init__(self, config: NvmlConfig, call: Callable[..., Any], clock: Callable[[], float]) -> None:
+        self._config = config
+        self._call = call
+        self._clock = clock
+        self._initialized = False
+        self._event_set: Optional[Any] = None
+        self._event_gpus: Dict[Optional[int], int] = {}    # handle address -> GPU index
+        self._event_tried: Set[int] = set()
+        self._identity: Dict[int, Tuple[Optional[str], Optional[str]]] = {}  # index -> (uuid, pci) last seen
+        self._known_pci: Set[str] = set()
+        self._seen_active: Set[Tuple[int, int]] = set()    # (GPU index, link)
+        self._logged: Set[str] = set()
+
+    def collect(self) -> NvmlSnapshot:
+        """One reading. Raises NVMLError_LibraryNotFound when there is no driver
+        library at all; a driver that does not start gives a snapshot with init_error."""
+        taken_at = self._clock()
+        if not self._initialized:
+            try:
+                self._start()
+            except pynvml.NVMLError_LibraryNotFound:
+                raise
+            except pynvml.NVMLError as e:
+                return NvmlSnapshot(taken_at=taken_at, gpu_count=0, init_error=str(e))
+        try:
+            count = self._call(pynvml.nvmlDeviceGetCount)
+        except pynvml.NVMLError as e:
+            raise MonitorError(f"nvmlDeviceGetCount failed: {e}") from e
+        gpus, handles = [], {}
+        for index in range(count):
+            gpu, handle = self._collect_gpu(index)
+            gpus.append(gpu)
+            if handle is not None:
+                handles[index] = handle
+        self._register_events(handles)
+        present = {gpu.pci_bus_id for gpu in gpus}
+        return NvmlSnapshot(taken_at=taken_at, gpu_count=count, gpus=tuple(gpus), xid_events=self._read_events(),
+                            missing=tuple(sorted(self._known_pci - present)))
+
+    def close(self) -> None:
+        if not self._initialized:
+            return
+        if self._event_set is not None:
+            self._quietly(pynvml.nvmlEventSetFree, self._event_set)
+            self._event_set = None
+        self._quietly(pynvml.nvmlShutdown)
+        self._initialized = False
+
+    def _start(self) -> None:
+        self._call(pynvml.nvmlInitWithFlags, pynvml.NVML_INIT_FLAG_NO_GPUS)
+        self._initialized = True
+        try:
+            self._event_set = self._call(pynvml.nvmlEventSetCreate)
+        except pynvml.NVMLError as e:
+            self._log_once("nvml event set unavailable, XIDs come from the kernel log only", error=str(e))
+
+    def _collect_gpu(self, index: int) -> Tuple[GpuStatus, Optional[Any]]:
+        try:
+            handle = self._call(pynvml.nvmlDeviceGetHandleByIndex, index)
+            uuid = self._call(pynvml.nvmlDeviceGetUUID, handle)
+            pci = _pci_bus_id(self._call(pynvml.nvmlDeviceGetPciInfo, handle).busId)
+            self._identity[index] = (uuid, pci)
+            self._known_pci.add(pci)
+            return self._read_gpu(index, handle, uuid, pci), handle
+        except _LOST as e:
+            return self._lost(index, e), None
+        except pynvml.NVMLError as e:
+            # Without a handle nothing else can be read; say so once, judge nothing.
+            self._log_once("nvml cannot read GPU", gpu=index, error=str(e))
+            uuid, pci = self._identity.get(index, (None, None))
+            return GpuStatus(index=index, uuid=uuid, pci_bus_id=pci), None
+
+    def _lost(self, index: int, error: pynvml.NVMLError) -> GpuStatus:
+        uuid, pci = self._identity.get(index, (None, None))  # a lost GPU no longer says who it is
+        return GpuStatus(index=index, uuid=uuid, pci_bus_id=pci, lost=True,
+                         lost_error=f"{type(error).__name__}: {error}")
+
+    def _read_gpu(self, index: int, handle: Any, uuid: str, pci: str) -> GpuStatus:
+        value = self._optional
+        remap = value(pynvml.nvmlDeviceGetRemappedRows, handle)
+        retired = value(pynvml.nvmlDeviceGetRetiredPagesPendingStatus, handle)
+        return GpuStatus(
+            index=index, uuid=uuid, pci_bus_id=pci,
+            ecc_dbe_volatile=value(pynvml.nvmlDeviceGetTotalEccErrors, handle,
+                                   pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, pynvml.NVML_VOLATILE_ECC),
+            remap_pending=bool(remap[2]) if remap else None,
+            remap_failure=bool(remap[3]) if remap else None,
+            retired_pages_pending=bool(retired) if retired is not None else None,
+            nvlinks=self._read_nvlinks(index, handle) if self._config.nvlink else (),
+            throttle_reasons=value(_clocks_event_reasons, handle),
+            recovery_action=self._recovery_action(handle),
+        )
+
+    def _optional(self, fn: Callable[..., T], *args: Any) -> Optional[T]:
+        """A value this GPU or driver may not have: None instead of an error. A
+        lost GPU still raises, so the whole GPU is reported lost."""
+        try:
+            return self._call(fn, *args)
+        except _LOST:
+            raise
+        except _ABSENT:
+            return None
+        except pynvml.NVMLError as e:
+            self._log_once("nvml query failed", call=fn.__name__, error=str(e))
+            return None
+
+    def _read_nvlinks(self, index: int, handle: Any) -> Tuple[NvLinkStatus, ...]:
+        links = []
+        for link in range(pynvml.NVML_NVLINK_MAX_LINKS):
+            try:
+                active = self._call(pynvml.nvmlDeviceGetNvLinkState, handle, link) == pynvml.NVML_FEATURE_ENABLED
+            except pynvml.NVMLError_InvalidArgument:
+                break  # past the last link this driver knows
+            except _LOST:
+                raise
+            except _ABSENT:
+                continue  # a PCIe GPU, or a link this GPU does not have
+            except pynvml.NVMLError as e:
+                self._log_once("nvml query failed", call="nvmlDeviceGetNvLinkState", error=str(e))
+                continue
+            if active:
+                self._seen_active.add((index, link))
+            errors = {name: self._optional(pynvml.nvmlDeviceGetNvLinkErrorCounter, handle, link, counter)
+                      for name, counter in NVLINK_COUNTERS.items()}
+            links.append(NvLinkStatus(link=link, active=active, was_active=(index, link) in self._seen_active,
+                                      errors={k: v for k, v in errors.items() if v is not None}))
+        return tuple(links)
+
+    def _recovery_action(self, handle: Any) -> Optional[int]:
+        values = self._optional(pynvml.nvmlDeviceGetFieldValues, handle, [pynvml.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION])
+        if not values or values[0].nvmlReturn != pynvml.NVML_SUCCESS:
+            return None  # drivers before the recovery-action field answer per field
+        return int(values[0].value.uiVal)
+
+    def _register_events(self, handles: Dict[int, Any]) -> None:
+        if self._event_set is None:
+            return
+        for index, handle in handles.items():
+            if index in self._event_tried:
+                continue
+            try:
+                supported = self._call(pynvml.nvmlDeviceGetSupportedEventTypes, handle)
+                if supported & pynvml.nvmlEventTypeXidCriticalError:
+                    self._call(pynvml.nvmlDeviceRegisterEvents, handle, pynvml.nvmlEventTypeXidCriticalError,
+                               self._event_set)
+                    self._event_gpus[_address(handle)] = index
+            except _LOST:
+                continue  # try again when it is back
+            except pynvml.NVMLError as e:
+                self._log_once("nvml XID events unavailable for GPU", gpu=index, error=str(e))
+            self._event_tried.add(index)
+
+    def _read_events(self) -> Tuple[XidEvent, ...]:
+        if not self._event_gpus:
+            return ()
+        counts: Dict[Tuple[int, int], int] = {}
+        wait_ms = self._config.event_wait_ms
+        for _ in range(self._config.max_events_per_check):
+            try:
+                data = self._call(pynvml.nvmlEventSetWait_v2, self._event_set, wait_ms)
+            except pynvml.NVMLError_Timeout:
+                break
+            except pynvml.NVMLError as e:
+                self._log_once("nvml event wait failed", error=str(e))
+                break
+            wait_ms = 0  # only drain what is already queued
+            if data.eventType == pynvml.nvmlEventTypeXidCriticalError:
+                key = (self._event_gpus.get(_address(data.device), -1), int(data.eventData))
+                counts[key] = counts.get(key, 0) + 1
+        return tuple(XidEvent(gpu_index=gpu, xid=xid, count=n) for (gpu, xid), n in sorted(counts.items()))
+
+    def _quietly(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            self._call(fn, *args)
+        except pynvml.NVMLError as e:
+            self._log_once("nvml cleanup failed", call=fn.__name__, error=str(e))
+
+    def _log_once(self, event: str, **kw: Any) -> None:
+        key = f"{event}|{sorted(kw.items())}"
+        if key not in self._logged:
+            self._logged.add(key)
+            log.warning(event, **kw)
+
+
+def _pci_bus_id(raw: Any) -> str:
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    try:
+        return normalize_pci_bus_id(text)
+    except ValueError:
+        return text  # still names the GPU in findings, even if no kernel line will match it
+
+
+def _clocks_event_reasons(handle: Any) -> int:
+    try:
+        return pynvml.nvmlDeviceGetCurrentClocksEventReasons(handle)
+    except pynvml.NVMLError_FunctionNotFound:  # drivers before 535 know only the old name
+        return pynvml.nvmlDeviceGetCurrentClocksThrottleReasons(handle)
+
+
+def _address(handle: Any) -> Optional[int]:
+    return ctypes.cast(handle, ctypes.c_void_p).value
+
+
+# ---- the monitor ---------------------------------------------------------------------------------
+
+
+class _Job:
+    def __init__(self, work: Callable[[], Any]) -> None:
+        self.work = work
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+
+
+class NvmlThread:
+    """One daemon thread that does all NVML work. The caller waits with
+    timeouts; a hung call leaves this thread stuck (NVML calls cannot be
+    interrupted) and further work is refused until it returns."""
+
+    def __init__(self, tracker: CallTracker, call_timeout: float, pass_timeout: float) -> None:
+        self._tracker = tracker
+        self._call_timeout = call_timeout
+        self._pass_timeout = pass_timeout
+        self._jobs: queue.SimpleQueue[Optional[_Job]] = queue.SimpleQueue()
+        self._last: Optional[_Job] = None
+        self._thread = threading.Thread(target=self._loop, name="hpr-nvml", daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        return self._last is not None and not self._last.done.is_set()
+
+    def run(self, work: Callable[[], T]) -> T:
+        if self.busy:
+            raise MonitorError(f"NVML still hung from an earlier check ({self._describe()}); not calling it again")
+        job = self._last = _Job(work)
+        self._jobs.put(job)
+        started = time.monotonic()
+        poll = min(0.05, self._call_timeout / 10)
+        while not job.done.wait(poll):
+            in_flight = self._tracker.in_flight()
+            if in_flight and in_flight[1] > self._call_timeout:
+                raise MonitorError(f"NVML call did not return within {self._call_timeout:g}s ({self._describe()})")
+            if time.monotonic() - started > self._pass_timeout:
+                raise MonitorError(f"NVML pass took longer than {self._pass_timeout:g}s ({self._describe()})")
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def _describe(self) -> str:
+        in_flight = self._tracker.in_flight()
+        return f"{in_flight[0]} running for {in_flight[1]:.1f}s" if in_flight else "between calls"
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                job.result = job.work()
+            except Exception as e:  # handed to the waiting caller
+                job.error = e
+            finally:
+                job.done.set()
+
+
+class NvmlMonitor:
+    """The Monitor for NVIDIA GPUs through NVML (see the module docstring)."""
+
+    name = MONITOR
+
+    def __init__(self, config: Optional[NvmlConfig] = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config or NvmlConfig()
+        self.disabled_reason: Optional[str] = None
+        self._clock = clock
+        self.started_at = clock()
+        self._tracker = CallTracker()
+        self._collector = NvmlCollector(self.config, self._tracker, clock)
+        self._thread: Optional[NvmlThread] = None
+        self._previous: Optional[NvmlSnapshot] = None
+        self._most_gpus_seen = 0
+        if not self.config.enabled:
+            self._disable("disabled in configuration")
+
+    @property
+    def last_snapshot(self) -> Optional[NvmlSnapshot]:
+        """The latest reading, for gpu_for_pci_bus_id (the kernel-log monitor maps XID lines with it)."""
+        return self._previous
+
+    def check(self) -> List[Finding]:
+        if self.disabled_reason is not None:
+            return []
+        if self._thread is None:
+            self._thread = NvmlThread(self._tracker, self.config.call_timeout_seconds,
+                                      self.config.pass_timeout_seconds)
+        try:
+            snapshot = self._thread.run(self._collector.collect)
+        except pynvml.NVMLError_LibraryNotFound:
+            self._disable("libnvidia-ml.so.1 not found (no NVIDIA driver on this node)")
+            return []
+        now = self._clock()
+        in_grace = now - self.started_at < self.config.startup_grace_seconds
+        if snapshot.gpu_count == 0 and not self.config.expected_gpus:
+            # Nothing to watch; during the grace period the driver may still be loading.
+            if not in_grace:
+                self._disable(f"no NVIDIA GPUs ({snapshot.init_error or 'NVML reports 0 devices'})")
+            return []
+        self._most_gpus_seen = max(self._most_gpus_seen, snapshot.gpu_count)
+        config = self.config
+        if config.expected_gpus is None:
+            # Not configured: the most GPUs seen since start, so a GPU that drops out is
+            # noticed; one missing from the first reading on needs expected_gpus.
+            config = replace(config, expected_gpus=self._most_gpus_seen)
+        findings = evaluate(snapshot, self._previous, config, now, self.started_at)
+        self._previous = snapshot
+        return findings
+
+    def close(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        if thread.busy:
+            log.warning("nvml thread still hung at close; leaving it behind")
+        else:
+            try:
+                thread.run(self._collector.close)
+            except MonitorError as e:
+                log.warning("nvml shutdown hung", error=str(e))
+        thread.stop()
+
+    def _disable(self, reason: str) -> None:
+        self.disabled_reason = reason
+        if self.config.expected_gpus:
+            log.warning("nvml monitor disabled", reason=reason, expected_gpus=self.config.expected_gpus)
+        else:
+            log.info("nvml monitor disabled", reason=reason)
+        self.close()

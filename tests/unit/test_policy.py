@@ -1,0 +1,123 @@
+"""Policy: findings → one decision, with thresholds, de-duplication, escalation
+and a journal that survives restarts. Pure logic, real files for the journal."""
+import pytest
+
+from hpresilience.agent.config import PolicyConfig, Threshold
+from hpresilience.agent.policy import Policy
+from hpresilience.finding import Finding, NodeAction
+
+BOOT = 1_000_000.0
+
+
+class Clock:
+    def __init__(self, t=BOOT + 100):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def f(code, action, at=BOOT + 10, entity=None, **kw):
+    return Finding(monitor="kernel_log", code=code, action=NodeAction(action), message=f"{code} msg",
+                   entity=entity, observed_at=at, **kw)
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def policy(tmp_path, clock):
+    return Policy(PolicyConfig(), tmp_path, clock=clock)
+
+
+def test_nothing_to_do(policy):
+    assert policy.decide([], BOOT) is None
+    policy.add_events([f("XID_13", "none")])
+    assert policy.decide([], BOOT) is None
+
+
+def test_replace_beats_reboot(policy):
+    policy.add_events([f("XID_73", "reboot"), f("XID_74", "replace", at=BOOT + 20)])
+    d = policy.decide([f("GPU_LOST", "reboot")], BOOT)
+    assert d.action is NodeAction.REPLACE and d.findings[0].code == "XID_74"
+    assert d.detail == "XID_74 msg (+2 more)" and d.slurm_state == "fail"
+
+
+def test_flood_is_one_fault(policy):
+    policy.add_events([f("XID_74", "replace", entity="GPU 3", at=BOOT + i) for i in range(1000)])
+    assert len(policy.pending_events) == 1
+    assert policy.decide([], BOOT).detail == "XID_74 msg"
+
+
+def test_logging_is_rate_limited(policy, clock):
+    key = f("XID_95", "reboot").key
+    assert policy.should_log(key) and not policy.should_log(key)
+    clock.t += 301
+    assert policy.should_log(key)
+
+
+def test_threshold_counts_within_window(tmp_path, clock):
+    policy = Policy(PolicyConfig(thresholds={"OOM_SYSTEM": Threshold(count=3, window_seconds=60)}), tmp_path,
+                    clock=clock)
+    assert policy.add_events([f("OOM_SYSTEM", "reboot", at=BOOT)]) == []
+    assert policy.add_events([f("OOM_SYSTEM", "reboot", at=BOOT + 100)]) == []   # first fell out of the window
+    assert policy.add_events([f("OOM_SYSTEM", "reboot", at=BOOT + 110)]) == []
+    assert len(policy.add_events([f("OOM_SYSTEM", "reboot", at=BOOT + 120)])) == 1
+    assert policy.decide([], BOOT).action is NodeAction.REBOOT
+
+
+def test_slurm_state_from_rule(policy):
+    policy.add_events([f("HUNG_TASK", "reboot", slurm_state="drain")])
+    assert policy.decide([], BOOT).slurm_state == "drain"
+
+
+def test_events_survive_restart_until_resolved(tmp_path, clock):
+    first = Policy(PolicyConfig(), tmp_path, clock=clock)
+    first.add_events([f("XID_74", "replace")])
+    second = Policy(PolicyConfig(), tmp_path, clock=clock)     # agent restarted, e.g. slurmctld was down
+    decision = second.decide([], BOOT)
+    assert decision.action is NodeAction.REPLACE
+    second.resolved(decision, applied=True, boot_time=BOOT)
+    assert Policy(PolicyConfig(), tmp_path, clock=clock).decide([], BOOT) is None
+
+
+def test_events_from_a_previous_boot_are_dropped(tmp_path, clock):
+    Policy(PolicyConfig(), tmp_path, clock=clock).add_events([f("XID_73", "reboot", at=BOOT + 10)])
+    later = Policy(PolicyConfig(), tmp_path, clock=clock)
+    later.drop_events_before(BOOT + 3600)
+    assert later.decide([], BOOT + 3600) is None
+
+
+def test_reboot_fault_again_after_reboot_escalates_to_replace(tmp_path, clock):
+    policy = Policy(PolicyConfig(escalation_window_seconds=86400), tmp_path, clock=clock)
+    policy.add_events([f("XID_73", "reboot")])
+    d = policy.decide([], BOOT)
+    assert d.action is NodeAction.REBOOT and not d.escalated
+    policy.resolved(d, applied=True, boot_time=BOOT)
+    # Same boot: still a reboot (the node has not rebooted yet).
+    policy.add_events([f("XID_73", "reboot", at=BOOT + 50)])
+    assert policy.decide([], BOOT).action is NodeAction.REBOOT
+    policy.resolved(policy.decide([], BOOT), applied=False, boot_time=BOOT)
+    # After the reboot, within the window, the history survives an agent restart:
+    clock.t = BOOT + 7200
+    restarted = Policy(PolicyConfig(escalation_window_seconds=86400), tmp_path, clock=clock)
+    restarted.add_events([f("XID_73", "reboot", at=BOOT + 7100)])
+    d2 = restarted.decide([], BOOT + 7000)
+    assert d2.action is NodeAction.REPLACE and d2.escalated and d2.detail.endswith("again after reboot")
+
+
+def test_no_escalation_outside_window(tmp_path, clock):
+    policy = Policy(PolicyConfig(escalation_window_seconds=3600), tmp_path, clock=clock)
+    policy.add_events([f("XID_73", "reboot")])
+    policy.resolved(policy.decide([], BOOT), applied=True, boot_time=BOOT)
+    clock.t = BOOT + 90000
+    policy.add_events([f("XID_73", "reboot", at=BOOT + 89000)])
+    assert policy.decide([], BOOT + 80000).action is NodeAction.REBOOT
+
+
+def test_corrupt_journal_is_ignored(tmp_path, clock):
+    (tmp_path / "pending-events.json").write_text("{not json")
+    (tmp_path / "history.json").write_text("[]garbage")
+    assert Policy(PolicyConfig(), tmp_path, clock=clock).decide([], BOOT) is None
