@@ -112,7 +112,12 @@ class Agent:
     def _monitor_loop(self, monitors: List[Monitor], stop: threading.Event) -> None:
         while not stop.is_set():
             for monitor in monitors:
-                findings = run_monitor(monitor, self.metrics)
+                try:
+                    findings = run_monitor(monitor, self.metrics)
+                except Exception:
+                    self.metrics.loop_errors.inc()
+                    log.exception("agent.monitor_error", check=monitor.name)
+                    continue
                 if findings is None:
                     continue  # keep the last known state: "the checker failed" is not "healthy"
                 self._record(findings, monitor.name)
@@ -206,7 +211,13 @@ class Agent:
         ping_every = min(1.0, Notifier.watchdog_interval() or 1.0)
         try:
             while not self._stop.is_set():
-                self.poll_once()
+                try:
+                    self.poll_once()
+                except Exception:
+                    # A bug or an unexpected error in one pass must not take detection down
+                    # with it; systemd's watchdog covers a loop that stops turning.
+                    self.metrics.loop_errors.inc()
+                    log.exception("agent.loop_error")
                 if self._reload.is_set():
                     self._reload.clear()
                     self.reload()

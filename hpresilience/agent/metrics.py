@@ -28,5 +28,7 @@ class AgentMetrics:
                                  registry=r)
         self.log_lag = Gauge("hpr_agent_kernel_log_lag_bytes", "Bytes written to the kernel log not yet read",
                              ["source"], registry=r)
+        self.loop_errors = Counter("hpr_agent_loop_errors_total", "Unexpected errors caught in the agent's loops",
+                                   registry=r)
         self.pending_events = Gauge("hpr_agent_pending_events", "Kernel-log findings not yet applied to Slurm",
                                     registry=r)

@@ -13,16 +13,18 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 from ..finding import Finding, NodeAction
+from ..slurm import SlurmGateway
+from .actuator import Actuator, Outcome
 from .config import AgentConfig
 from .daemon import build_monitors
 from .kernel_line import parse_line
 from .kernel_rules import load_rules
 from .monitor import MonitorError
 from .monitors.nvml import NvmlMonitor
-from .node import boot_time
+from .node import boot_time, node_name
 from .policy import Policy
 
 # How much of a log file's end is scanned: enough for a busy day, bounded for a 60 s HealthCheckProgram.
@@ -87,6 +89,21 @@ def kernel_lines(spec: str, since: float) -> Iterator[str]:
     if spec == "journal":
         return journal_lines()
     return file_lines_since(Path(spec), since)
+
+
+def apply_result(config: AgentConfig, result: CheckResult) -> Optional[Outcome]:
+    """Take the node out of service for the check's findings, exactly as the agent
+    would (same policy and escalation history, same ownership rules)."""
+    boot = boot_time()
+    policy = Policy(config.policy, Path(config.agent.state_dir))
+    policy.add_events([f for f in result.findings if f.monitor == "kernel_log"])
+    decision = policy.decide([f for f in result.findings if f.monitor != "kernel_log"], boot)
+    if decision is None:
+        return None
+    outcome = Actuator(SlurmGateway(), node_name(config.agent.node_name), config.agent.dry_run).apply(decision)
+    if outcome.settled:
+        policy.resolved(decision, applied=outcome is Outcome.APPLIED, boot_time=boot)
+    return outcome
 
 
 def run_check(config: AgentConfig) -> CheckResult:

@@ -54,14 +54,21 @@ def agent(config_path: Optional[Path]) -> None:
 @click.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per finding.")
-def check(config_path: Optional[Path], as_json: bool) -> None:
+@click.option("--apply", "apply", is_flag=True,
+              help="Also take this node out of service for what was found, as the agent would "
+                   "(for Slurm's HealthCheckProgram, which itself only logs a failure).")
+def check(config_path: Optional[Path], as_json: bool, apply: bool) -> None:
     """One pass of every passive check; exit 0 if healthy, 1 with findings printed.
 
-    Usable as Slurm's HealthCheckProgram: finishes in seconds, and a check that
-    could not look (exit 2) is kept apart from an unhealthy node (exit 1)."""
-    from ..agent.oneshot import run_check
+    Finishes in seconds; a check that could not look (exit 2) is kept apart
+    from an unhealthy node (exit 1)."""
+    from ..agent.oneshot import apply_result, run_check
     config = _load(config_path)
     result = run_check(config)
+    if apply:
+        outcome = apply_result(config, result)
+        if outcome is not None:
+            click.echo(f"action: {outcome.value}", err=True)
     for finding in result.findings:
         if as_json:
             click.echo(json.dumps(finding.to_dict()))
