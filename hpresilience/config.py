@@ -36,6 +36,8 @@ def read_toml(path: Path) -> Dict[str, Any]:
         raise ConfigError(str(path), "", "file not found") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(path), "", f"not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), "", f"not UTF-8 text: {e.reason} at byte {e.start}") from None
     except OSError as e:
         raise ConfigError(str(path), "", f"cannot read: {e.strerror}") from None
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import structlog
 
 from ..finding import NodeAction
-from ..slurm import ActionReason, NodeState, ReasonNotOurs, SlurmError, SlurmGateway, SlurmUnavailable
+from ..slurm import ActionReason, NodeState, SlurmError, SlurmGateway, SlurmUnavailable
 from ..slurm.reason import parse_reason
 from .policy import Decision
 
@@ -26,11 +26,18 @@ class Outcome(str, enum.Enum):
     REBOOTING = "rebooting"              # a reboot is already requested or in progress
     DEFERRED = "deferred"                # Slurm unreachable: try again later
     DRY_RUN = "dry_run"
-    FAILED = "failed"                    # Slurm refused (unknown node, permission): logged, not retried
+    FAILED = "failed"                    # Slurm refused (unknown node, permission, auth): logged, retried slowly
 
     @property
     def settled(self) -> bool:
-        return self is not Outcome.DEFERRED
+        """The decision is done with: its events can be forgotten."""
+        return self in (Outcome.APPLIED, Outcome.ALREADY, Outcome.DRY_RUN)
+
+    @property
+    def waiting(self) -> bool:
+        """Not ours to act on now (an admin's reason, a reboot in progress): keep the
+        events and look again later; the fault may still need acting on after."""
+        return self in (Outcome.FOREIGN_REASON, Outcome.REBOOTING)
 
 
 @dataclass
@@ -51,13 +58,15 @@ class Actuator:
             out_of_service = node.is_drained or node.is_down
             if current and out_of_service and NodeAction.parse(current.action.value).rank >= decision.action.rank:
                 return Outcome.ALREADY
+            state = NodeState(decision.slurm_state.upper())
+            if state is NodeState.RESUME:
+                raise ValueError("a decision never resumes a node")
             if self.dry_run:
                 log.info("agent.action", outcome="dry_run", node=self.node_name, reason=str(reason),
                          state=decision.slurm_state)
                 return Outcome.DRY_RUN
-            self.gateway.mark_action(self.node_name, reason, NodeState(decision.slurm_state.upper()))
-        except ReasonNotOurs:
-            return Outcome.FOREIGN_REASON
+            # Ownership was checked on the state just read; set_state saves a second read.
+            self.gateway.set_state(node.name, state, str(reason))
         except SlurmUnavailable as e:
             log.warning("agent.action_deferred", node=self.node_name, error=str(e))
             return Outcome.DEFERRED

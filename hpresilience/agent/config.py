@@ -35,6 +35,7 @@ class AgentSection:
     state_dir: str = "/var/lib/hpresilience/agent"
     check_interval_seconds: float = 1.0      # NVML and system checks
     dry_run: bool = False                    # decide and log, never change Slurm
+    reverify_seconds: float = 60.0           # a settled decision for a persisting fault is re-checked this often
     metrics_address: str = "0.0.0.0"
     metrics_port: int = 9464                 # 0 turns the Prometheus endpoint off
     log_level: str = "info"
@@ -74,8 +75,11 @@ class Threshold:
 
 
 def _default_thresholds() -> Dict[str, Threshold]:
-    # BRIEF §6: a system OOM is a node fault only when it repeats.
-    return {"OOM_SYSTEM": Threshold(count=3, window_seconds=600)}
+    # BRIEF §6: a system OOM is a node fault only when it repeats. A hung task too:
+    # a stalled NFS/Lustre server makes every client log one, and one line each must
+    # not fail the whole cluster (NHC's batch drains).
+    return {"OOM_SYSTEM": Threshold(count=3, window_seconds=600),
+            "HUNG_TASK": Threshold(count=3, window_seconds=900)}
 
 
 @dataclass

@@ -20,19 +20,32 @@ from prometheus_client import start_http_server
 from ..config import ConfigError
 from ..finding import Finding, NodeAction
 from ..sdnotify import Notifier
-from ..slurm import SlurmGateway
+from ..slurm import CommandRunner, ScontrolBackend, SlurmGateway
 from .actuator import Actuator, Outcome
 from .config import AgentConfig
 from .kernel_rules import RulesError, RuleSet, load_rules
-from .logsource import LogSource, LogSourceError, open_source
+from .logsource import LogSource, open_source
 from .metrics import AgentMetrics
 from .monitor import Monitor, MonitorError
 from .monitors.nvml import NvmlMonitor, gpu_for_pci_bus_id
 from .monitors.system import SystemMonitor
-from .node import boot_time, node_name
+from .node import STAMP_SLACK_SECONDS, boot_time, node_name
 from .policy import Policy
 
 log = structlog.get_logger(__name__)
+
+# A deferred decision (slurmctld unreachable) is retried with this backoff; one
+# attempt per call, so the main loop (and the watchdog ping) never waits on
+# Slurm for longer than one scontrol timeout.
+RETRY_BACKOFF = (2.0, 4.0, 8.0, 16.0, 30.0, 60.0)
+SCONTROL_TIMEOUT = 15.0  # below the unit's WatchdogSec=30
+# While someone else's reason or a reboot is on the node, look again this often:
+# once the admin returns the node, a fault seen meanwhile is acted on.
+WAITING_RECHECK_SECONDS = 10.0
+
+
+def agent_gateway() -> SlurmGateway:
+    return SlurmGateway(ScontrolBackend(CommandRunner(timeout=SCONTROL_TIMEOUT, attempts=1)))
 
 
 def build_monitors(config: AgentConfig) -> List[Monitor]:
@@ -65,7 +78,7 @@ class Agent:
     def __init__(self, config: AgentConfig, config_path: Optional[Path] = None,
                  gateway: Optional[SlurmGateway] = None, notifier: Optional[Notifier] = None):
         self.config_path = config_path
-        self.gateway = gateway or SlurmGateway()
+        self.gateway = gateway or agent_gateway()
         self.notifier = notifier or Notifier()
         self.metrics = AgentMetrics()
         self.boot_time = boot_time()
@@ -75,6 +88,9 @@ class Agent:
         self._state_findings: Dict[str, List[Finding]] = {}
         self._monitor_thread: Optional[threading.Thread] = None
         self._monitor_stop = threading.Event()
+        self._settled: Optional[tuple] = None   # (decision signature, monotonic time it was settled)
+        self._retry_at = 0.0
+        self._failures = 0
         self._configure(config)
 
     # -------------------------------------------------------------- set-up
@@ -112,6 +128,8 @@ class Agent:
     def _monitor_loop(self, monitors: List[Monitor], stop: threading.Event) -> None:
         while not stop.is_set():
             for monitor in monitors:
+                if stop.is_set():
+                    return  # reloaded meanwhile: do not write findings for the old configuration
                 try:
                     findings = run_monitor(monitor, self.metrics)
                 except Exception:
@@ -122,7 +140,8 @@ class Agent:
                     continue  # keep the last known state: "the checker failed" is not "healthy"
                 self._record(findings, monitor.name)
                 with self._lock:
-                    self._state_findings[monitor.name] = findings
+                    if not stop.is_set():
+                        self._state_findings[monitor.name] = findings
             stop.wait(self.config.agent.check_interval_seconds)
 
     def _record(self, findings: List[Finding], source: str) -> None:
@@ -139,16 +158,25 @@ class Agent:
         found = gpu_for_pci_bus_id(snapshot, pci) if snapshot else None
         return str(found[0]) if found else None
 
+    def before_boot(self, finding: Finding) -> bool:
+        """A line stamped before this boot is history (a restart can re-read the last second
+        of a file, and /var/log/messages outlives reboots): that boot dealt with it."""
+        return finding.observed_at < self.boot_time - STAMP_SLACK_SECONDS
+
     def read_kernel_log(self) -> None:
         budget = self.config.kernel_log.max_bytes_per_poll
         for source in self.sources:
             lines = source.read(budget)
             self.metrics.log_lines.labels(source.name).inc(len(lines))
             self.metrics.log_lag.labels(source.name).set(source.lag_bytes())
-            found = [f for f in (self.rules.classify(line.text, self.gpu_for_pci) for line in lines) if f is not None]
+            found = [f for f in (self.rules.classify(line.text, self.gpu_for_pci) for line in lines)
+                     if f is not None and not self.before_boot(f)]
             if found:
                 counted = self.policy.add_events(found)
                 self._record(counted, source.name)
+                if self._failures == 0 and any(f.action is not NodeAction.NONE for f in counted):
+                    self._retry_at = 0.0  # a fresh fault line is worth a look at Slurm now
+                    self._settled = None
 
     def decide_and_act(self) -> Optional[Outcome]:
         with self._lock:
@@ -156,11 +184,28 @@ class Agent:
         decision = self.policy.decide(state, self.boot_time)
         self.metrics.pending_events.set(len(self.policy.pending_events))
         if decision is None:
+            self._settled = None
+            return None
+        now = time.monotonic()
+        signature = (decision.action, frozenset(f.key for f in decision.findings))
+        if now < self._retry_at:
+            return None
+        if (self._settled and self._settled[0] == signature
+                and now - self._settled[1] < self.config.agent.reverify_seconds):
+            # Settled already: a persisting fault must not cost slurmctld an RPC per poll.
             return None
         outcome = self.actuator.apply(decision)
         self.metrics.actions.labels(decision.action.value, outcome.value).inc()
         if outcome.settled:
+            self._failures = 0
+            self._settled = (signature, now)
             self.policy.resolved(decision, applied=outcome is Outcome.APPLIED, boot_time=self.boot_time)
+        elif outcome.waiting:
+            self._failures = 0
+            self._retry_at = now + WAITING_RECHECK_SECONDS
+        else:  # deferred or failed: Slurm did not take it; keep the events and back off
+            self._retry_at = now + RETRY_BACKOFF[min(self._failures, len(RETRY_BACKOFF) - 1)]
+            self._failures += 1
         if outcome is not Outcome.APPLIED and self.policy.should_log(f"{outcome.value}:{decision.findings[0].key}"):
             log.info("agent.action", outcome=outcome.value, node=self.node_name, action=decision.action.value,
                      detail=decision.detail)
@@ -179,12 +224,14 @@ class Agent:
             log.error("agent.reload_failed", error=str(e), config=str(self.config_path))
             return False
         self._stop_monitor_thread()
+        with self._lock:
+            self._state_findings.clear()  # a monitor switched off must not keep driving decisions
         for source in self.sources:
             source.close()  # before reopening: a source's close() saves its cursor
         old = self.config
         try:
             self._configure(config)
-        except (LogSourceError, ValueError, OSError) as e:
+        except Exception as e:  # anything: the agent must come out of a reload running
             log.error("agent.reload_failed", error=str(e), config=str(self.config_path))
             self._configure(old)
             self._start_monitor_thread()
@@ -201,8 +248,11 @@ class Agent:
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
         if self.config.agent.metrics_port:
-            start_http_server(self.config.agent.metrics_port, self.config.agent.metrics_address,
-                              registry=self.metrics.registry)
+            try:
+                start_http_server(self.config.agent.metrics_port, self.config.agent.metrics_address,
+                                  registry=self.metrics.registry)
+            except OSError as e:  # port taken: detection matters more than metrics
+                log.error("agent.metrics_unavailable", port=self.config.agent.metrics_port, error=str(e))
         self._start_monitor_thread()
         self.notifier.ready(f"watching {self.node_name}: {', '.join(s.name for s in self.sources)}")
         log.info("agent.started", node=self.node_name, sources=[s.name for s in self.sources],

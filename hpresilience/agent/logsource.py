@@ -665,6 +665,10 @@ class KmsgSource:
             if now_usec - record.usec > self._max_age_usec:
                 too_old += 1
                 continue
+            if record.facility != 0:
+                # Written to /dev/kmsg by a program (facility user, ...), not by the kernel:
+                # `echo "NVRM: Xid ... 79" > /dev/kmsg` from a job must not fail a node.
+                continue
             raws.append(record.message.encode("utf-8")[:MAX_LINE_BYTES])
         if lost:
             log.warning("logsource.kmsg_lost", source=self.name, records=lost,

@@ -6,6 +6,12 @@ import socket
 import time
 from typing import Optional
 
+# A kernel-log line stamped more than this before the current boot belongs to an
+# earlier boot. Syslog stamps have 1 s resolution and boot_time() is exact to
+# about a second; anything larger would count a fault logged just before a
+# reboot as current after it (and fail the node's post-reboot verification).
+STAMP_SLACK_SECONDS = 2.0
+
 
 def node_name(configured: Optional[str] = None) -> str:
     """The Slurm node name: configured, else $SLURMD_NODENAME, else the short hostname."""

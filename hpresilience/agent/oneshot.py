@@ -24,12 +24,11 @@ from .kernel_line import parse_line
 from .kernel_rules import load_rules
 from .monitor import MonitorError
 from .monitors.nvml import NvmlMonitor
-from .node import boot_time, node_name
+from .node import STAMP_SLACK_SECONDS, boot_time, node_name
 from .policy import Policy
 
 # How much of a log file's end is scanned: enough for a busy day, bounded for a 60 s HealthCheckProgram.
 FILE_TAIL_BYTES = 16 * 1024 * 1024
-BOOT_SLACK_SECONDS = 60  # syslog stamps have 1 s resolution and no zone; boot time jitters
 
 
 @dataclass
@@ -55,7 +54,7 @@ def file_lines_since(path: Path, since: float) -> Iterator[str]:
     now = time.time()
     for raw in data.splitlines():
         parsed = parse_line(raw, now=now)
-        if parsed and parsed.wall_time is not None and parsed.wall_time >= since - BOOT_SLACK_SECONDS:
+        if parsed and parsed.wall_time is not None and parsed.wall_time >= since - STAMP_SLACK_SECONDS:
             yield parsed.text
 
 

@@ -12,7 +12,7 @@ since, becomes Replace: the reboot did not fix it.
 from __future__ import annotations
 
 import time
-from collections import defaultdict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Deque, Dict, Iterable, List, Optional
@@ -22,10 +22,11 @@ import structlog
 from ..finding import Finding, NodeAction
 from ..statefile import read_json, write_json
 from .config import PolicyConfig
+from .node import STAMP_SLACK_SECONDS
 
 log = structlog.get_logger(__name__)
 
-# Slurm recomputes BootTime from uptime and we read /proc/uptime: allow jitter.
+# Boot times in the history come from /proc/uptime at different moments: allow jitter.
 BOOT_TIME_TOLERANCE = 30.0
 HISTORY_LIMIT = 200
 
@@ -54,6 +55,7 @@ class HistoryRecord:
     at: float
     action: str
     code: str
+    component: str
     boot_time: float
 
 
@@ -63,18 +65,25 @@ class Policy:
     state_dir: Path
     clock: Callable[[], float] = time.time
     _events: Dict[str, Finding] = field(default_factory=dict)
-    _seen: Dict[str, Deque[float]] = field(default_factory=lambda: defaultdict(deque))
+    _seen: Dict[str, Deque[float]] = field(default_factory=dict)
     _logged: Dict[str, float] = field(default_factory=dict)
     history: List[HistoryRecord] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._events_file = self.state_dir / "pending-events.json"
         self._history_file = self.state_dir / "history.json"
-        self.history = [HistoryRecord(**r) for r in read_json(self._history_file, [])]
-        for raw in read_json(self._events_file, []):
+        # A damaged journal loses what it cannot say, record by record, never the daemon.
+        for raw in _records(read_json(self._history_file, []), self._history_file):
+            try:
+                self.history.append(HistoryRecord(**raw))
+            except TypeError as e:
+                log.warning("policy.history_record_dropped", error=str(e))
+        for raw in _records(read_json(self._events_file, []), self._events_file):
             try:
                 finding = Finding.from_dict(raw)
-            except (TypeError, ValueError) as e:
+                if finding.slurm_state not in (None, "fail", "drain", "down"):
+                    raise ValueError(f"slurm_state {finding.slurm_state!r}")
+            except (TypeError, ValueError, KeyError) as e:
                 log.warning("policy.pending_event_dropped", error=str(e))
                 continue
             self._events[finding.key] = finding
@@ -96,8 +105,10 @@ class Policy:
         return counted
 
     def drop_events_before(self, boot_time: float) -> None:
-        """Events from before the current boot were dealt with by that boot."""
-        stale = [k for k, f in self._events.items() if f.observed_at < boot_time - BOOT_TIME_TOLERANCE]
+        """Reboot-class events from before the current boot were dealt with by that boot.
+        A Replace-class one was not: the hardware is as broken after a power cycle."""
+        stale = [k for k, f in self._events.items()
+                 if f.observed_at < boot_time - STAMP_SLACK_SECONDS and f.action is not NodeAction.REPLACE]
         for key in stale:
             del self._events[key]
         if stale:
@@ -118,7 +129,8 @@ class Policy:
         if threshold is None or threshold.count <= 1:
             return True
         now = finding.observed_at
-        seen = self._seen[finding.key]
+        # Counted by code, not device: three OOM kills of three different processes are three OOMs.
+        seen = self._seen.setdefault(finding.code, deque(maxlen=threshold.count))
         seen.append(now)
         while seen and seen[0] < now - threshold.window_seconds:
             seen.popleft()
@@ -132,15 +144,19 @@ class Policy:
         candidates.sort(key=lambda f: (-f.action.rank, f.observed_at))
         top = candidates[0]
         action, escalated = top.action, False
-        if action is NodeAction.REBOOT and self._rebooted_for_this_recently(boot_time):
+        if action is NodeAction.REBOOT and self._rebooted_for_this_recently(top.component, boot_time):
             action, escalated = NodeAction.REPLACE, True
         state = next((f.slurm_state for f in candidates if f.action is top.action and f.slurm_state), None)
         return Decision(action, candidates, state or self.config.default_state, escalated)
 
-    def _rebooted_for_this_recently(self, boot_time: float) -> bool:
+    def _rebooted_for_this_recently(self, component: str, boot_time: float) -> bool:
+        """The same kind of fault (GPU, memory, kernel, ...) came back after a reboot.
+        A different one is a new fault: a hung task after an XID reboot is no reason
+        to replace the node."""
         now = self.clock()
         return any(
             r.action in (NodeAction.REBOOT.value, NodeAction.REPLACE.value)
+            and r.component == component
             and now - r.at <= self.config.escalation_window_seconds
             and r.boot_time < boot_time - BOOT_TIME_TOLERANCE
             for r in self.history
@@ -156,14 +172,30 @@ class Policy:
                 self._events.pop(key, None)
             self._save_events()
         if applied:
-            self.history.append(HistoryRecord(self.clock(), decision.action.value, decision.findings[0].code,
+            top = decision.findings[0]
+            self.history.append(HistoryRecord(self.clock(), decision.action.value, top.code, top.component,
                                               boot_time))
             self.history = self.history[-HISTORY_LIMIT:]
-            write_json(self._history_file, [r.__dict__ for r in self.history])
+            try:
+                write_json(self._history_file, [r.__dict__ for r in self.history])
+            except OSError as e:
+                log.error("policy.journal_write_failed", path=str(self._history_file), error=str(e))
 
     @property
     def pending_events(self) -> List[Finding]:
         return list(self._events.values())
 
     def _save_events(self) -> None:
-        write_json(self._events_file, [f.to_dict() for f in self._events.values()])
+        # Disk full or read-only: keep the events in memory and say so, never lose the batch.
+        try:
+            write_json(self._events_file, [f.to_dict() for f in self._events.values()])
+        except OSError as e:
+            log.error("policy.journal_write_failed", path=str(self._events_file), error=str(e))
+
+
+
+def _records(data: object, path: Path) -> list:
+    if isinstance(data, list):
+        return [r for r in data if isinstance(r, dict)]
+    log.warning("policy.journal_ignored", path=str(path), reason="not a list")
+    return []

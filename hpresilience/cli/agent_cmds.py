@@ -64,11 +64,15 @@ def check(config_path: Optional[Path], as_json: bool, apply: bool) -> None:
     from an unhealthy node (exit 1)."""
     from ..agent.oneshot import apply_result, run_check
     config = _load(config_path)
-    result = run_check(config)
-    if apply:
-        outcome = apply_result(config, result)
-        if outcome is not None:
-            click.echo(f"action: {outcome.value}", err=True)
+    try:
+        result = run_check(config)
+        if apply:
+            outcome = apply_result(config, result)
+            if outcome is not None:
+                click.echo(f"action: {outcome.value}", err=True)
+    except Exception as e:  # the checker failing is exit 2, never 1 ("unhealthy")
+        click.echo(f"check failed: {type(e).__name__}: {e}", err=True)
+        sys.exit(2)
     for finding in result.findings:
         if as_json:
             click.echo(json.dumps(finding.to_dict()))

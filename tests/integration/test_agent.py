@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 
@@ -93,6 +94,11 @@ def test_admin_drain_keeps_admin_reason(agents):
     assert reason == "admin: fan noise" and "DRAIN" in state
     log = (agents.dir / "nodes" / "n3" / "agent.log").read_text()
     assert '"outcome": "foreign_reason"' in log
+    # The fault is not forgotten: once the admin returns the node, the agent acts on it.
+    subprocess.run(["scontrol", "update", "nodename=n3", "state=resume"], env=slurm_env(agents), check=True,
+                   timeout=30)
+    wait_until(lambda: (state_and_reason(agents, "n3")[1] or "").startswith("Action: Replace"), 20,
+               "pending XID 74 applied after the admin's resume")
     resume(agents, "n3")
 
 
@@ -122,3 +128,112 @@ def test_classify_command():
     assert 3 not in by_line
     assert all({"line_no", "action", "rule", "message"} <= set(r) for r in records)
 
+
+
+def agent_log(c: LiveCluster, node: str) -> str:
+    return (c.dir / "nodes" / node / "agent.log").read_text()
+
+
+def agent_pid(c: LiveCluster, node: str) -> int:
+    return int((c.dir / "nodes" / node / "agent.pid").read_text())
+
+
+def test_decision_survives_slurmctld_outage_and_agent_restart(agents):
+    """slurmctld down: the decision waits on disk, survives an agent restart, and lands when Slurm is back."""
+    agents.tc("slurmctld", "stop")
+    try:
+        agents.tc("log", "n2", XID_LINE.format(xid=74))
+        wait_until(lambda: '"agent.action_deferred"' in agent_log(agents, "n2"), 30, "decision deferred")
+        pending = agents.dir / "nodes" / "n2" / "agent-state" / "pending-events.json"
+        assert "XID_74" in pending.read_text()
+        # The agent keeps turning while Slurm is away: it still answers SIGTERM promptly.
+        os.kill(agent_pid(agents, "n2"), signal.SIGTERM)
+        wait_until(lambda: '"agent.stopped"' in agent_log(agents, "n2"), 20, "agent stopped")
+    finally:
+        agents.tc("slurmctld", "start")
+    agents.tc("kill", "n2")
+    agents.tc("start", "n2")            # boots the node: slurmd and a fresh agent, as systemd would
+    wait_until(lambda: "Action: Replace" in (state_and_reason(agents, "n2")[1] or ""), 60,
+               "pending XID 74 applied after slurmctld came back")
+    resume(agents, "n2")
+
+
+def test_no_replay_after_agent_restart(agents):
+    agents.tc("log", "n1", XID_LINE.format(xid=73))
+    wait_until(lambda: "FAIL" in state_and_reason(agents, "n1")[0], 10, "n1 FAIL")
+    resume(agents, "n1")
+    os.kill(agent_pid(agents, "n1"), signal.SIGTERM)
+    wait_until(lambda: agent_log(agents, "n1").count('"agent.stopped"') >= 1, 20, "agent stopped")
+    agents.tc("kill", "n1")
+    agents.tc("start", "n1")
+    resume(agents, "n1")  # Slurm may hold it DOWN as "unexpectedly rebooted"
+    time.sleep(3)
+    # The XID 73 line is still in kern.log; the restarted agent must not act on it again.
+    assert state_and_reason(agents, "n1") == ("IDLE", None)
+
+
+def test_sighup_reload_keeps_running_on_bad_config(agents):
+    conf = agents.dir / "nodes" / "n3" / "agent.toml"
+    good = conf.read_text()
+    pid = agent_pid(agents, "n3")
+    try:
+        conf.write_text(good + "\n[system]\nfull_threshold_percent = 'high'\n")
+        os.kill(pid, signal.SIGHUP)
+        wait_until(lambda: '"agent.reload_failed"' in agent_log(agents, "n3"), 10, "reload refused")
+        failed = [line for line in agent_log(agents, "n3").splitlines() if '"agent.reload_failed"' in line]
+        assert "system.full_threshold_percent: expected a number" in failed[-1]
+        conf.write_text(good.replace("[kernel_log]", "[kernel_log]\npoll_interval_seconds = 0.2"))
+        os.kill(pid, signal.SIGHUP)
+        wait_until(lambda: '"agent.reloaded"' in agent_log(agents, "n3"), 10, "reload applied")
+        # Still detecting after the reload:
+        agents.tc("log", "n3", XID_LINE.format(xid=74))
+        wait_until(lambda: "FAIL" in state_and_reason(agents, "n3")[0], 10, "n3 FAIL after reload")
+    finally:
+        conf.write_text(good)
+        resume(agents, "n3")
+
+
+def test_bad_config_refuses_to_start(tmp_path):
+    conf = tmp_path / "agent.toml"
+    conf.write_text("[agent]\ncheck_interval_seconds = 'fast'\n")
+    proc = subprocess.run(["hpresilience", "agent", "--config", str(conf)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert f"{conf}: agent.check_interval_seconds: expected a number" in proc.stderr
+    rules = tmp_path / "rules.toml"
+    rules.write_text("[rules.mine]\npattern = 'x['\ncode = 'X'\naction = 'reboot'\nmessage = 'x'\n")
+    conf.write_text(f"[kernel_log]\nrules_file = '{rules}'\n")
+    proc = subprocess.run(["hpresilience", "agent", "--config", str(conf)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and 'rule "mine"' in proc.stderr and "pattern" in proc.stderr
+
+
+def boot_time_of(c: LiveCluster, node: str) -> str:
+    return node_line(c, node).split(" BootTime=")[1].split()[0]
+
+
+def test_check_reads_kernel_log_back_to_boot_only(agents):
+    conf = str(agents.dir / "nodes" / "n3" / "agent.toml")
+    agents.tc("log", "n3", XID_LINE.format(xid=74))
+    wait_until(lambda: "FAIL" in state_and_reason(agents, "n3")[0], 10, "n3 FAIL")
+    failing = agents.tc("exec", "n3", "--", "hpresilience", "check", "--config", conf, check=False)
+    assert failing.returncode == 1 and "XID_74" in failing.stdout
+    # After a reboot the XID line is still in kern.log (as in /var/log/messages), but it is history.
+    before = boot_time_of(agents, "n3")
+    subprocess.run(["scontrol", "reboot", "ASAP", "nextstate=resume", "n3"], env=slurm_env(agents), check=True,
+                   timeout=30)
+    # Slurm keeps FAIL across a reboot (reason + " : reboot issued"); returning the node is the controller's job.
+    wait_until(lambda: boot_time_of(agents, "n3") != before and "REBOOT" not in state_and_reason(agents, "n3")[0]
+               and "NOT_RESPONDING" not in state_and_reason(agents, "n3")[0], 60, "n3 rebooted")
+    ok = agents.tc("exec", "n3", "--", "hpresilience", "check", "--config", conf, check=False)
+    assert ok.returncode == 0 and "healthy" in ok.stdout, ok.stdout + ok.stderr
+    state = agents.dir / "nodes" / "n3" / "gpus.state"
+    original = state.read_text()
+    try:
+        state.write_text(original + "gpu.2.remap_failure=1\n")
+        bad = agents.tc("exec", "n3", "--", "hpresilience", "check", "--config", conf, check=False)
+        assert bad.returncode == 1 and "ROW_REMAP_FAILURE" in bad.stdout
+    finally:
+        state.write_text(original)
+        time.sleep(1.5)
+        resume(agents, "n3")

@@ -1,5 +1,7 @@
 """Policy: findings → one decision, with thresholds, de-duplication, escalation
 and a journal that survives restarts. Pure logic, real files for the journal."""
+import json
+
 import pytest
 
 from hpresilience.agent.config import PolicyConfig, Threshold
@@ -69,7 +71,7 @@ def test_threshold_counts_within_window(tmp_path, clock):
 
 
 def test_slurm_state_from_rule(policy):
-    policy.add_events([f("HUNG_TASK", "reboot", slurm_state="drain")])
+    policy.add_events([f("SOFT_LOCKUP", "reboot", slurm_state="drain")])
     assert policy.decide([], BOOT).slurm_state == "drain"
 
 
@@ -83,27 +85,47 @@ def test_events_survive_restart_until_resolved(tmp_path, clock):
     assert Policy(PolicyConfig(), tmp_path, clock=clock).decide([], BOOT) is None
 
 
-def test_events_from_a_previous_boot_are_dropped(tmp_path, clock):
+def test_reboot_events_from_a_previous_boot_are_dropped_replace_events_kept(tmp_path, clock):
     Policy(PolicyConfig(), tmp_path, clock=clock).add_events([f("XID_73", "reboot", at=BOOT + 10)])
     later = Policy(PolicyConfig(), tmp_path, clock=clock)
     later.drop_events_before(BOOT + 3600)
     assert later.decide([], BOOT + 3600) is None
+    # A power cycle does not mend an NVLink: a pending Replace survives the new boot.
+    later.add_events([f("XID_74", "replace", at=BOOT + 20)])
+    again = Policy(PolicyConfig(), tmp_path, clock=clock)
+    again.drop_events_before(BOOT + 7200)
+    assert again.decide([], BOOT + 7200).action is NodeAction.REPLACE
+
+
+def test_threshold_counts_by_code_across_devices(policy):
+    hung = [f("HUNG_TASK", "reboot", entity=f"task{i}", at=BOOT + i) for i in range(3)]
+    assert policy.add_events(hung[:2]) == []         # one NFS hiccup is not a node fault
+    assert len(policy.add_events(hung[2:])) == 1
+
+
+def test_escalation_only_for_the_same_kind_of_fault(tmp_path, clock):
+    policy = Policy(PolicyConfig(), tmp_path, clock=clock)
+    policy.add_events([f("XID_73", "reboot", component="gpu")])
+    policy.resolved(policy.decide([], BOOT), applied=True, boot_time=BOOT)
+    clock.t = BOOT + 7200
+    policy.add_events([f("SOFT_LOCKUP", "reboot", component="kernel", at=BOOT + 7100)])
+    assert policy.decide([], BOOT + 7000).action is NodeAction.REBOOT
 
 
 def test_reboot_fault_again_after_reboot_escalates_to_replace(tmp_path, clock):
     policy = Policy(PolicyConfig(escalation_window_seconds=86400), tmp_path, clock=clock)
-    policy.add_events([f("XID_73", "reboot")])
+    policy.add_events([f("XID_73", "reboot", component="gpu")])
     d = policy.decide([], BOOT)
     assert d.action is NodeAction.REBOOT and not d.escalated
     policy.resolved(d, applied=True, boot_time=BOOT)
     # Same boot: still a reboot (the node has not rebooted yet).
-    policy.add_events([f("XID_73", "reboot", at=BOOT + 50)])
+    policy.add_events([f("XID_73", "reboot", component="gpu", at=BOOT + 50)])
     assert policy.decide([], BOOT).action is NodeAction.REBOOT
     policy.resolved(policy.decide([], BOOT), applied=False, boot_time=BOOT)
     # After the reboot, within the window, the history survives an agent restart:
     clock.t = BOOT + 7200
     restarted = Policy(PolicyConfig(escalation_window_seconds=86400), tmp_path, clock=clock)
-    restarted.add_events([f("XID_73", "reboot", at=BOOT + 7100)])
+    restarted.add_events([f("XID_73", "reboot", component="gpu", at=BOOT + 7100)])
     d2 = restarted.decide([], BOOT + 7000)
     assert d2.action is NodeAction.REPLACE and d2.escalated and d2.detail.endswith("again after reboot")
 
@@ -121,3 +143,8 @@ def test_corrupt_journal_is_ignored(tmp_path, clock):
     (tmp_path / "pending-events.json").write_text("{not json")
     (tmp_path / "history.json").write_text("[]garbage")
     assert Policy(PolicyConfig(), tmp_path, clock=clock).decide([], BOOT) is None
+    # Valid JSON of the wrong shape: bad records dropped one by one, good ones kept.
+    good = f("XID_74", "replace").to_dict()
+    (tmp_path / "pending-events.json").write_text(f'[{{"code": "X"}}, 7, {json.dumps(good)}]')
+    (tmp_path / "history.json").write_text('[{"at": 1}, "x"]')
+    assert Policy(PolicyConfig(), tmp_path, clock=clock).decide([], BOOT).action is NodeAction.REPLACE
