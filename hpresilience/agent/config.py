@@ -88,10 +88,13 @@ class PolicyConfig:
     escalation_window_seconds: float = 86400  # reboot-class fault again within this after a reboot → Replace
     log_repeat_seconds: float = 300           # the same finding is logged at most once per this
     thresholds: Dict[str, Threshold] = field(default_factory=_default_thresholds)
+    slurm_state: Dict[str, str] = field(default_factory=dict)  # finding code -> fail|drain|down
 
     def validate(self) -> None:
-        if self.default_state not in SLURM_STATES:
-            raise ValueError(f"default_state {self.default_state!r}: expected one of {', '.join(SLURM_STATES)}")
+        for where, state in [("default_state", self.default_state)] + [
+                (f"slurm_state.{code}", s) for code, s in self.slurm_state.items()]:
+            if state not in SLURM_STATES:
+                raise ValueError(f"{where} {state!r}: expected one of {', '.join(SLURM_STATES)}")
         if self.escalation_window_seconds < 0:
             raise ValueError("escalation_window_seconds must be >= 0")
 

@@ -8,6 +8,7 @@ and pinging systemd's watchdog.
 """
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 import time
@@ -20,7 +21,7 @@ from prometheus_client import start_http_server
 from ..config import ConfigError
 from ..finding import Finding, NodeAction
 from ..sdnotify import Notifier
-from ..slurm import CommandRunner, ScontrolBackend, SlurmGateway
+from ..slurm import CommandRunner, ScontrolBackend, SlurmError, SlurmGateway
 from .actuator import Actuator, Outcome
 from .config import AgentConfig
 from .kernel_rules import RulesError, RuleSet, load_rules
@@ -107,7 +108,23 @@ class Agent:
         self.policy = Policy(config.policy, state_dir)
         self.policy.drop_events_before(self.boot_time)
         self.actuator = Actuator(self.gateway, self.node_name, dry_run=config.agent.dry_run)
-        self.monitors = build_monitors(config)
+        self.monitors = build_monitors(self._with_expected_gpus(config))
+
+    def _with_expected_gpus(self, config: AgentConfig) -> AgentConfig:
+        """Without nvml.expected_gpus, expect what Slurm's Gres says the node has: a GPU missing
+        at boot, or lost before an agent restart, is then still a finding (the count seen
+        since start would silently become the new normal)."""
+        if config.nvml.expected_gpus is not None or not config.nvml.enabled:
+            return config
+        try:
+            gpus = self.gateway.node(self.node_name).gpu_count
+        except SlurmError as e:
+            log.warning("agent.expected_gpus_unknown", node=self.node_name, error=str(e))
+            return config
+        if gpus is None:
+            return config
+        log.info("agent.expected_gpus_from_slurm", node=self.node_name, gpus=gpus)
+        return dataclasses.replace(config, nvml=dataclasses.replace(config.nvml, expected_gpus=gpus))
 
     def _start_monitor_thread(self) -> None:
         self._monitor_stop = threading.Event()

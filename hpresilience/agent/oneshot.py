@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 from ..finding import Finding, NodeAction
-from ..slurm import SlurmGateway
 from .actuator import Actuator, Outcome
 from .config import AgentConfig
-from .daemon import build_monitors
+from .daemon import agent_gateway, build_monitors
 from .kernel_line import parse_line
 from .kernel_rules import load_rules
 from .monitor import MonitorError
@@ -99,7 +98,7 @@ def apply_result(config: AgentConfig, result: CheckResult) -> Optional[Outcome]:
     decision = policy.decide([f for f in result.findings if f.monitor != "kernel_log"], boot)
     if decision is None:
         return None
-    outcome = Actuator(SlurmGateway(), node_name(config.agent.node_name), config.agent.dry_run).apply(decision)
+    outcome = Actuator(agent_gateway(), node_name(config.agent.node_name), config.agent.dry_run).apply(decision)
     if outcome.settled:
         policy.resolved(decision, applied=outcome is Outcome.APPLIED, boot_time=boot)
     return outcome

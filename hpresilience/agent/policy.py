@@ -146,7 +146,8 @@ class Policy:
         action, escalated = top.action, False
         if action is NodeAction.REBOOT and self._rebooted_for_this_recently(top.component, boot_time):
             action, escalated = NodeAction.REPLACE, True
-        state = next((f.slurm_state for f in candidates if f.action is top.action and f.slurm_state), None)
+        state = next((f.slurm_state or self.config.slurm_state.get(f.code) for f in candidates
+                      if f.action is top.action and (f.slurm_state or f.code in self.config.slurm_state)), None)
         return Decision(action, candidates, state or self.config.default_state, escalated)
 
     def _rebooted_for_this_recently(self, component: str, boot_time: float) -> bool:

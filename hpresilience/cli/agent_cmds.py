@@ -94,12 +94,15 @@ def check(config_path: Optional[Path], as_json: bool, apply: bool) -> None:
 @click.option("--rules", "rules_file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help="Admin rules file merged over the shipped rules, as the agent would.")
 @click.option("--all", "show_all", is_flag=True, help="Also print lines no rule matched (action none, rule null).")
-def classify(files: Tuple[Path, ...], rules_file: Optional[Path], show_all: bool) -> None:
+@config_option
+def classify(files: Tuple[Path, ...], rules_file: Optional[Path], show_all: bool, config_path: Optional[Path]) -> None:
     """Would these kernel-log lines drain a node, and why?
 
     Reads FILES (default: standard input) in syslog, dmesg, journal or
-    /dev/kmsg form and prints one JSON object per line that matches a rule."""
+    /dev/kmsg form and prints one JSON object per line that matches a rule.
+    `threshold` says when one line alone is not enough (e.g. 3 hung tasks in 15 min)."""
     from ..agent.kernel_rules import RulesError, load_rules
+    thresholds = _load(config_path).policy.thresholds
     try:
         rules = load_rules(rules_file)
     except RulesError as e:
@@ -117,7 +120,10 @@ def classify(files: Tuple[Path, ...], rules_file: Optional[Path], show_all: bool
                 if finding is None:
                     record.update(action="none", rule=None, message=None, code=None, line=text[:500])
                 else:
+                    threshold = thresholds.get(finding.code)
                     record.update(action=finding.action.value, rule=finding.rule, message=finding.message,
                                   code=finding.code, component=finding.component, entity=finding.entity,
-                                  slurm_state=finding.slurm_state)
+                                  slurm_state=finding.slurm_state,
+                                  threshold={"count": threshold.count, "window_seconds": threshold.window_seconds}
+                                  if threshold and threshold.count > 1 else None)
                 click.echo(json.dumps(record))

@@ -33,6 +33,17 @@ class Node:
     jobs: Tuple[int, ...] = ()              # filled in by SlurmGateway.nodes(with_jobs=True)
 
     @property
+    def gpu_count(self) -> Optional[int]:
+        """GPUs Slurm was told this node has (Gres=gpu:8, gpu:h100:8, ...); None when it has no gpu GRES.
+
+        >>> Node("n1", "IDLE", gres=("gpu:h100:4", "gpu:a100:2", "nic:1")).gpu_count
+        6
+        """
+        counts = [int(g.rsplit(":", 1)[1]) for g in self.gres
+                  if g.split(":", 1)[0] == "gpu" and g.rsplit(":", 1)[1].isdigit()]
+        return sum(counts) if counts else None
+
+    @property
     def action_reason(self) -> Optional[ActionReason]:
         """The Action: reason, when the node's reason is ours."""
         return parse_reason(self.reason)

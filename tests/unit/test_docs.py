@@ -14,10 +14,10 @@ def documented_keys() -> dict:
     keys: dict = {}
     section = None
     for line in toml.splitlines():
-        header = re.match(r"\[([a-z_]+)(?:\.([a-z_]+)\.\w+)?\]", line)
+        header = re.match(r"\[([a-z_]+)(?:\.([a-z_]+)(?:\.\w+)?)?\]", line)
         if header:
             section = header.group(1)
-            if header.group(2):  # [policy.thresholds.CODE] documents the key "thresholds"
+            if header.group(2):  # [policy.thresholds.CODE] documents the table key "thresholds"
                 keys.setdefault(section, set()).add(header.group(2))
             continue
         key = re.match(r"([a-z_]+) =", line)

@@ -75,6 +75,12 @@ def test_slurm_state_from_rule(policy):
     assert policy.decide([], BOOT).slurm_state == "drain"
 
 
+def test_slurm_state_per_code_from_config(tmp_path, clock):
+    policy = Policy(PolicyConfig(slurm_state={"GPU_LOST": "down"}), tmp_path, clock=clock)
+    assert policy.decide([f("GPU_LOST", "reboot")], BOOT).slurm_state == "down"
+    assert policy.decide([f("ECC_DBE_VOLATILE", "reboot")], BOOT).slurm_state == "fail"
+
+
 def test_events_survive_restart_until_resolved(tmp_path, clock):
     first = Policy(PolicyConfig(), tmp_path, clock=clock)
     first.add_events([f("XID_74", "replace")])

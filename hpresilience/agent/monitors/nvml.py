@@ -14,6 +14,13 @@ by the kernel-log rules. The monitor therefore reports each XID it sees as a
 finding `XID_<n>` with action NONE and the same entity the kernel-log monitor
 uses ("GPU <index> (<pci bus id>)"); the agent de-duplicates on
 `Finding.key` and keeps the strongest action.
+
+Double-bit ECC events: NVML also signals each uncorrectable memory error as it
+happens. Each GPU with such events becomes one finding `ECC_DBE_EVENT` (action
+REBOOT: the error retires a page or needs a row remap, which takes effect only
+after a GPU reset, and the agent's reset is a reboot). The event is kept apart
+from the volatile DBE counter (ECC_DBE_VOLATILE) because it arrives even where
+that counter is unsupported, and within the check in which it happened.
 """
 from __future__ import annotations
 
@@ -65,6 +72,9 @@ RECOVERY_ACTIONS: Dict[int, str] = {
     pynvml.NVML_GPU_RECOVERY_ACTION_SYSTEM_REBOOT: "SYSTEM_REBOOT",
 }
 
+# The event types the collector registers for, each where the GPU supports it.
+EVENT_TYPES = pynvml.nvmlEventTypeXidCriticalError | pynvml.nvmlEventTypeDoubleBitEccError
+
 # Answers that mean "this GPU or driver does not have it": skip the value, never a fault.
 _ABSENT = (pynvml.NVMLError_NotSupported, pynvml.NVMLError_FunctionNotFound, pynvml.NVMLError_NoPermission)
 # Answers that mean the GPU itself is gone or unusable until a reset.
@@ -81,8 +91,8 @@ class NvmlConfig:
     nvlink: bool = True
     nvlink_error_rate_per_min: Dict[str, float] = field(default_factory=lambda: dict(DEFAULT_NVLINK_RATES))
     throttle_mask: int = DEFAULT_THROTTLE_MASK
-    event_wait_ms: int = 50                  # first XID event wait of a check; the rest only drain the queue
-    max_events_per_check: int = 1000         # an XID flood is read over several checks, never in one
+    event_wait_ms: int = 50                  # first event wait of a check; the rest only drain the queue
+    max_events_per_check: int = 1000         # an event flood is read over several checks, never in one
 
 
 # ---- snapshot ------------------------------------------------------------------------------------
@@ -124,11 +134,19 @@ class XidEvent:
 
 
 @dataclass(frozen=True)
+class DbeEvent:
+    """Double-bit (uncorrectable) ECC error events of one GPU since the last reading."""
+    gpu_index: int                    # -1 when the event's device handle is unknown
+    count: int = 1
+
+
+@dataclass(frozen=True)
 class NvmlSnapshot:
     taken_at: float                   # the monitor's clock (monotonic seconds)
     gpu_count: int
     gpus: Tuple[GpuStatus, ...] = ()
     xid_events: Tuple[XidEvent, ...] = ()
+    dbe_events: Tuple[DbeEvent, ...] = ()
     missing: Tuple[str, ...] = ()     # PCI bus ids seen earlier in this agent run, no longer listed
     init_error: Optional[str] = None  # NVML could not start (driver not loaded): gpu_count is 0
 
@@ -185,6 +203,11 @@ def evaluate(snapshot: NvmlSnapshot, previous: Optional[NvmlSnapshot], config: N
         entity = entities.get(event.gpu_index, gpu_entity(event.gpu_index, None))
         findings.append(_finding(f"XID_{event.xid}", NodeAction.NONE, f"{entity} XID {event.xid} (NVML event)",
                                  entity, f"nvmlEventTypeXidCriticalError xid={event.xid} count={event.count}"))
+    for dbe in snapshot.dbe_events:
+        entity = entities.get(dbe.gpu_index, gpu_entity(dbe.gpu_index, None))
+        findings.append(_finding("ECC_DBE_EVENT", NodeAction.REBOOT,
+                                 f"{entity} double-bit ECC error (NVML event), needs a GPU reset", entity,
+                                 f"nvmlEventTypeDoubleBitEccError count={dbe.count}", component="memory"))
     return findings
 
 
@@ -306,7 +329,7 @@ class CallTracker:
 
 
 class NvmlCollector:
-    """Reads the GPUs through pynvml; owns the NVML session and the XID event set.
+    """Reads the GPUs through pynvml; owns the NVML session and the event set (XID, DBE).
 
     Not thread-safe: one thread (the monitor's NVML thread) does all the calls."""
 
@@ -346,8 +369,9 @@ class NvmlCollector:
                 handles[index] = handle
         self._register_events(handles)
         present = {gpu.pci_bus_id for gpu in gpus}
-        return NvmlSnapshot(taken_at=taken_at, gpu_count=count, gpus=tuple(gpus), xid_events=self._read_events(),
-                            missing=tuple(sorted(self._known_pci - present)))
+        xid_events, dbe_events = self._read_events()
+        return NvmlSnapshot(taken_at=taken_at, gpu_count=count, gpus=tuple(gpus), xid_events=xid_events,
+                            dbe_events=dbe_events, missing=tuple(sorted(self._known_pci - present)))
 
     def close(self) -> None:
         if not self._initialized:
@@ -364,7 +388,8 @@ class NvmlCollector:
         try:
             self._event_set = self._call(pynvml.nvmlEventSetCreate)
         except pynvml.NVMLError as e:
-            self._log_once("nvml event set unavailable, XIDs come from the kernel log only", error=str(e))
+            self._log_once("nvml event set unavailable, XIDs come from the kernel log only, no DBE events",
+                           error=str(e))
 
     def _collect_gpu(self, index: int) -> Tuple[GpuStatus, Optional[Any]]:
         try:
@@ -451,21 +476,47 @@ class NvmlCollector:
             if index in self._event_tried:
                 continue
             try:
-                supported = self._call(pynvml.nvmlDeviceGetSupportedEventTypes, handle)
-                if supported & pynvml.nvmlEventTypeXidCriticalError:
-                    self._call(pynvml.nvmlDeviceRegisterEvents, handle, pynvml.nvmlEventTypeXidCriticalError,
-                               self._event_set)
-                    self._event_gpus[_address(handle)] = index
+                wanted = self._call(pynvml.nvmlDeviceGetSupportedEventTypes, handle) & EVENT_TYPES
+                registered = self._register(handle, wanted)
             except _LOST:
                 continue  # try again when it is back
             except pynvml.NVMLError as e:
-                self._log_once("nvml XID events unavailable for GPU", gpu=index, error=str(e))
+                self._log_once("nvml events unavailable for GPU", gpu=index, error=str(e))
+            else:
+                if registered:
+                    self._event_gpus[_address(handle)] = index
+                if registered != EVENT_TYPES:
+                    # Not a fault (no ECC, older driver): those faults then show only in counters/kernel log.
+                    self._log_once("nvml events partly unavailable for GPU", gpu=index, registered=hex(registered))
             self._event_tried.add(index)
 
-    def _read_events(self) -> Tuple[XidEvent, ...]:
+    def _register(self, handle: Any, types: int) -> int:
+        """Registers `types` on the handle; returns the bits that took. NVML fails a
+        whole registration when any one type is refused, so on refusal each type is
+        tried alone and the GPU keeps whatever subset works."""
+        if not types:
+            return 0
+        try:
+            self._call(pynvml.nvmlDeviceRegisterEvents, handle, types, self._event_set)
+            return types
+        except _ABSENT:
+            if types & (types - 1) == 0:
+                return 0  # a single type, refused
+        registered = 0
+        for bit in (pynvml.nvmlEventTypeXidCriticalError, pynvml.nvmlEventTypeDoubleBitEccError):
+            if types & bit:
+                try:
+                    self._call(pynvml.nvmlDeviceRegisterEvents, handle, bit, self._event_set)
+                    registered |= bit
+                except _ABSENT:
+                    pass
+        return registered
+
+    def _read_events(self) -> Tuple[Tuple[XidEvent, ...], Tuple[DbeEvent, ...]]:
         if not self._event_gpus:
-            return ()
-        counts: Dict[Tuple[int, int], int] = {}
+            return (), ()
+        counts: Dict[Tuple[int, int], int] = {}      # (GPU, XID) -> events
+        dbe_counts: Dict[int, int] = {}              # GPU -> events: one finding per GPU, the count as evidence
         wait_ms = self._config.event_wait_ms
         for _ in range(self._config.max_events_per_check):
             try:
@@ -476,10 +527,14 @@ class NvmlCollector:
                 self._log_once("nvml event wait failed", error=str(e))
                 break
             wait_ms = 0  # only drain what is already queued
+            gpu = self._event_gpus.get(_address(data.device), -1)
             if data.eventType == pynvml.nvmlEventTypeXidCriticalError:
-                key = (self._event_gpus.get(_address(data.device), -1), int(data.eventData))
+                key = (gpu, int(data.eventData))
                 counts[key] = counts.get(key, 0) + 1
-        return tuple(XidEvent(gpu_index=gpu, xid=xid, count=n) for (gpu, xid), n in sorted(counts.items()))
+            elif data.eventType == pynvml.nvmlEventTypeDoubleBitEccError:
+                dbe_counts[gpu] = dbe_counts.get(gpu, 0) + 1
+        return (tuple(XidEvent(gpu_index=gpu, xid=xid, count=n) for (gpu, xid), n in sorted(counts.items())),
+                tuple(DbeEvent(gpu_index=gpu, count=n) for gpu, n in sorted(dbe_counts.items())))
 
     def _quietly(self, fn: Callable[..., Any], *args: Any) -> None:
         try:
