@@ -138,11 +138,23 @@ class FakeGpuState:
         """Make an NVML entry point (full C name, e.g. nvmlDeviceGetRemappedRows) return `code`."""
         return self.set(f"error.{function}" if gpu is None else f"gpu.{gpu}.error.{function}", code)
 
+    def event_types(self, gpu: int, mask: int) -> FakeGpuState:
+        """The nvmlEventType* bits GPU `gpu` supports (default XID | DBE); registering others fails."""
+        return self.set(f"gpu.{gpu}.event_types", hex(mask))
+
     def add_xid(self, gpu: int, xid: int) -> int:
         """Queue an XID critical-error event; returns its sequence number."""
+        return self._add_event(f"{gpu},{xid}")
+
+    def add_dbe(self, gpu: int) -> int:
+        """Queue a double-bit ECC error event (nvmlEventTypeDoubleBitEccError); returns its sequence number."""
+        return self._add_event(f"{gpu},dbe")
+
+    def _add_event(self, value: str) -> int:
+        # One sequence for all event types: the library delivers them in this order.
         seq = self._next_event
         self._next_event += 1
-        self.set(f"event.{seq}", f"{gpu},{xid}")
+        self.set(f"event.{seq}", value)
         return seq
 
     def _fields(self, gpu: int, prefix: str = "", **fields: Optional[Union[bool, int]]) -> FakeGpuState:

@@ -23,6 +23,9 @@
 #define MAX_OVERRIDES 64
 #define N_LINK_COUNTERS 5 /* NVML_NVLINK_ERROR_DL_REPLAY .. NVML_NVLINK_ERROR_DL_ECC_DATA */
 #define ALL_GPUS (-1)
+/* The event types the fake can deliver; a GPU supports all of them unless its
+ * state says otherwise (gpu.I.event_types), which models older GPUs/drivers. */
+#define FAKE_EVENT_TYPES ((unsigned long long)(nvmlEventTypeXidCriticalError | nvmlEventTypeDoubleBitEccError))
 
 struct nvmlDevice_st {
     unsigned int index;
@@ -49,13 +52,15 @@ typedef struct {
     unsigned long long throttle;
     unsigned int recovery_action;
     int nvlinks; /* -1: the node-wide default */
+    unsigned long long event_types; /* nvmlDeviceGetSupportedEventTypes; registering others is NOT_SUPPORTED */
     fake_link links[NVML_NVLINK_MAX_LINKS];
 } fake_gpu;
 
 typedef struct {
     unsigned long long seq;
     unsigned int gpu;
-    unsigned long long xid;
+    unsigned long long type; /* nvmlEventType* */
+    unsigned long long data; /* nvmlEventData_t.eventData: the XID, 0 for other types (as NVML documents) */
 } fake_event;
 
 typedef struct {
@@ -110,6 +115,7 @@ static void set_defaults(void)
         g->bus = default_bus[i % 8];
         g->device = i / 8;
         g->nvlinks = -1;
+        g->event_types = FAKE_EVENT_TYPES;
         for (unsigned int l = 0; l < NVML_NVLINK_MAX_LINKS; l++)
             g->links[l].active = 1;
     }
@@ -210,18 +216,34 @@ static int set_gpu(const char *rest, const char *value)
     else if (strcmp(f, "throttle") == 0) g->throttle = num(value);
     else if (strcmp(f, "recovery_action") == 0) g->recovery_action = (unsigned int)num(value);
     else if (strcmp(f, "nvlinks") == 0) g->nvlinks = (int)num(value);
+    else if (strcmp(f, "event_types") == 0) g->event_types = num(value) & FAKE_EVENT_TYPES;
     else return -1;
     return 0;
 }
 
+/* "I,N" or "I,xid:N": XID N on GPU I; "I,dbe": a double-bit ECC error on GPU I. */
 static int set_event(const char *rest, const char *value)
 {
     fake_event e;
+    int used = 0;
     if (S.n_events == MAX_EVENTS)
         return -1;
     e.seq = num(rest);
-    if (sscanf(value, "%u,%llu", &e.gpu, &e.xid) != 2)
+    if (sscanf(value, "%u,%n", &e.gpu, &used) != 1 || used == 0)
         return -1;
+    const char *what = value + used;
+    char *end;
+    if (strcmp(what, "dbe") == 0) {
+        e.type = nvmlEventTypeDoubleBitEccError;
+        e.data = 0;
+    } else {
+        if (strncmp(what, "xid:", 4) == 0)
+            what += 4;
+        e.data = strtoull(what, &end, 0);
+        if (end == what || *end != '\0')
+            return -1;
+        e.type = nvmlEventTypeXidCriticalError;
+    }
     S.events[S.n_events++] = e;
     return 0;
 }
@@ -665,7 +687,7 @@ nvmlReturn_t nvmlDeviceGetSupportedEventTypes(nvmlDevice_t device, unsigned long
     fake_gpu *g;
     nvmlReturn_t rc = enter_device("nvmlDeviceGetSupportedEventTypes", device, &g);
     if (rc == NVML_SUCCESS)
-        *eventTypes = nvmlEventTypeXidCriticalError;
+        *eventTypes = g->event_types;
     return leave(rc);
 }
 
@@ -675,7 +697,8 @@ nvmlReturn_t nvmlDeviceRegisterEvents(nvmlDevice_t device, unsigned long long ev
     nvmlReturn_t rc = enter_device("nvmlDeviceRegisterEvents", device, &g);
     if (rc == NVML_SUCCESS && !set)
         rc = NVML_ERROR_INVALID_ARGUMENT;
-    if (rc == NVML_SUCCESS && (eventTypes & ~(unsigned long long)nvmlEventTypeXidCriticalError))
+    /* Like NVML: one unsupported type in the mask fails the whole registration. */
+    if (rc == NVML_SUCCESS && (eventTypes & ~g->event_types))
         rc = NVML_ERROR_NOT_SUPPORTED;
     if (rc == NVML_SUCCESS)
         set->registered[device->index] |= eventTypes;
@@ -689,8 +712,8 @@ static const fake_event *next_event_locked(const struct nvmlEventSet_st *set)
         const fake_event *e = &S.events[i];
         if (e->seq <= set->last_seq || e->gpu >= S.gpus)
             continue;
-        if (!(set->registered[e->gpu] & nvmlEventTypeXidCriticalError))
-            continue;
+        if (!(set->registered[e->gpu] & e->type))
+            continue; /* not registered for this type on this GPU: never delivered to this set */
         if (!best || e->seq < best->seq)
             best = e;
     }
@@ -710,8 +733,8 @@ nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsi
         if (e) {
             memset(data, 0, sizeof *data);
             data->device = &devices[e->gpu];
-            data->eventType = nvmlEventTypeXidCriticalError;
-            data->eventData = e->xid;
+            data->eventType = e->type;
+            data->eventData = e->data;
             data->gpuInstanceId = 0xFFFFFFFF;
             data->computeInstanceId = 0xFFFFFFFF;
             set->last_seq = e->seq;

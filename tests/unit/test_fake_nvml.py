@@ -179,9 +179,50 @@ def test_xid_event_delivered_once_to_registered_gpus(lib_dir: Path, state: FakeG
             other=err(n.nvmlDeviceRegisterEvents, h, n.nvmlEventTypeSingleBitEccError, s))
         n.nvmlEventSetFree(s)
     """)
-    assert r["supported"] == 0x8 and r["events"] == [[3, 0x8, 79], [3, 0x8, 74]]
+    assert r["supported"] == 0x8 | 0x2 and r["events"] == [[3, 0x8, 79], [3, 0x8, 74]]
     assert r["last"] == "NVMLError_Timeout" and r["waited"] >= 0.19
     assert r["other"] == "NVMLError_NotSupported"
+
+
+def test_dbe_events_only_reach_sets_registered_for_them(lib_dir: Path, state: FakeGpuState) -> None:
+    state.add_dbe(2)          # GPU 2 registers XID only: never delivered
+    state.add_xid(2, 31)
+    state.add_dbe(5)
+    state.set("event.10", "5,xid:74")  # the explicit XID spelling
+    state.add_xid(6, 13)      # GPU 6 registers DBE only: never delivered
+    state.add_dbe(6)
+    r = run_pynvml(lib_dir, state.path, """
+        n.nvmlInit()
+        s = n.nvmlEventSetCreate()
+        h = {i: n.nvmlDeviceGetHandleByIndex(i) for i in (2, 5, 6)}
+        n.nvmlDeviceRegisterEvents(h[2], n.nvmlEventTypeXidCriticalError, s)
+        n.nvmlDeviceRegisterEvents(h[5], n.nvmlEventTypeXidCriticalError | n.nvmlEventTypeDoubleBitEccError, s)
+        n.nvmlDeviceRegisterEvents(h[6], n.nvmlEventTypeDoubleBitEccError, s)
+        events = []
+        while True:
+            try:
+                d = n.nvmlEventSetWait_v2(s, 100)
+            except n.NVMLError_Timeout:
+                break
+            events.append([n.nvmlDeviceGetIndex(d.device), d.eventType, d.eventData])
+        out(events=events)
+    """)
+    # Delivered in sequence order: state's own counter gave 1..6, "event.10" comes last.
+    assert r["events"] == [[2, 0x8, 31], [5, 0x2, 0], [6, 0x2, 0], [5, 0x8, 74]]
+
+
+def test_event_types_narrow_what_a_gpu_supports(lib_dir: Path, state: FakeGpuState) -> None:
+    state.event_types(1, 0x8)
+    r = run_pynvml(lib_dir, state.path, """
+        n.nvmlInit()
+        s = n.nvmlEventSetCreate()
+        h0, h1 = n.nvmlDeviceGetHandleByIndex(0), n.nvmlDeviceGetHandleByIndex(1)
+        both = n.nvmlEventTypeXidCriticalError | n.nvmlEventTypeDoubleBitEccError
+        out(supported=[n.nvmlDeviceGetSupportedEventTypes(h0), n.nvmlDeviceGetSupportedEventTypes(h1)],
+            both=err(n.nvmlDeviceRegisterEvents, h1, both, s),
+            xid=err(n.nvmlDeviceRegisterEvents, h1, n.nvmlEventTypeXidCriticalError, s))
+    """)
+    assert r == {"supported": [0xa, 0x8], "both": "NVMLError_NotSupported", "xid": None}
 
 
 def readline(proc: subprocess.Popen, what: str) -> Dict[str, Any]:

@@ -6,6 +6,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import pytest
 
 from hpresilience.agent.monitors.nvml import (
+    DbeEvent,
     GpuStatus,
     NvLinkStatus,
     NvmlConfig,
@@ -38,10 +39,10 @@ def links(n: int = 4, down: Sequence[int] = (), was_active: bool = True,
 
 
 def snapshot(*gpus: GpuStatus, taken_at: float = AFTER_GRACE, count: Optional[int] = None,
-             events: Tuple[XidEvent, ...] = (), missing: Tuple[str, ...] = (),
-             init_error: Optional[str] = None) -> NvmlSnapshot:
+             events: Tuple[XidEvent, ...] = (), dbe_events: Tuple[DbeEvent, ...] = (),
+             missing: Tuple[str, ...] = (), init_error: Optional[str] = None) -> NvmlSnapshot:
     return NvmlSnapshot(taken_at=taken_at, gpu_count=len(gpus) if count is None else count, gpus=gpus,
-                        xid_events=events, missing=missing, init_error=init_error)
+                        xid_events=events, dbe_events=dbe_events, missing=missing, init_error=init_error)
 
 
 def healthy(**changes) -> NvmlSnapshot:
@@ -175,6 +176,17 @@ def test_xid_events_are_reported_without_an_action() -> None:
     (finding,) = run(current)
     assert (finding.code, finding.action, finding.entity) == ("XID_79", NodeAction.NONE, "GPU 3 (0000:61:00.0)")
     assert "count=12" in finding.evidence
+
+
+def test_dbe_events_mean_reboot_per_gpu() -> None:
+    current = snapshot(gpu(0), gpu(1), gpu(2), gpu(3), events=(XidEvent(gpu_index=1, xid=48),),
+                       dbe_events=(DbeEvent(gpu_index=2, count=3), DbeEvent(gpu_index=7)))
+    found = {f.code + "@" + (f.entity or ""): f for f in run(current)}
+    assert sorted(found) == ["ECC_DBE_EVENT@GPU 2 (0000:52:00.0)", "ECC_DBE_EVENT@GPU 7", "XID_48@GPU 1 (0000:43:00.0)"]
+    dbe = found["ECC_DBE_EVENT@GPU 2 (0000:52:00.0)"]
+    assert dbe.action == NodeAction.REBOOT and dbe.component == "memory"
+    assert "nvmlEventTypeDoubleBitEccError count=3" in dbe.evidence
+    assert found["XID_48@GPU 1 (0000:43:00.0)"].action == NodeAction.NONE
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -159,6 +159,31 @@ def test_xid_event_is_reported(start, state: FakeGpuState) -> None:
     assert monitor.check() == []  # delivered once
 
 
+def test_dbe_event_means_reboot_of_that_gpu(start, state: FakeGpuState) -> None:
+    monitor = start(startup_grace_seconds=0)
+    assert monitor.check() == []
+    state.add_dbe(6)
+    state.add_xid(3, 94)
+    state.add_dbe(6)
+    reply = monitor.ask("check")
+    assert sorted((f["code"], f["action"], f["entity"]) for f in reply["findings"]) == [
+        ("ECC_DBE_EVENT", "reboot", "GPU 6 (0000:b9:00.0)"), ("XID_94", "none", "GPU 3 (0000:86:00.0)")]
+    (dbe,) = [f for f in reply["findings"] if f["code"] == "ECC_DBE_EVENT"]
+    assert "count=2" in dbe["evidence"]  # two events, one finding
+    assert monitor.check() == []  # delivered once
+
+
+def test_gpu_without_dbe_events_still_gets_xids(start, state: FakeGpuState) -> None:
+    state.event_types(2, 0x8)  # XID only: the monitor registers the supported subset
+    monitor = start(startup_grace_seconds=0)
+    assert monitor.check() == []
+    state.add_dbe(2)           # not registered on GPU 2: never delivered
+    state.add_xid(2, 79)
+    state.add_dbe(0)
+    assert sorted(monitor.check()) == [("ECC_DBE_EVENT", "reboot", "GPU 0 (0000:53:00.0)"),
+                                       ("XID_79", "none", "GPU 2 (0000:75:00.0)")]
+
+
 def test_hung_driver_gives_monitor_error_not_a_hang(start, state: FakeGpuState) -> None:
     monitor = start(startup_grace_seconds=0, call_timeout_seconds=0.5)
     assert monitor.check() == []
