@@ -37,10 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
-try:
-    import tomllib
-except ImportError:  # Python < 3.11
-    import tomli as tomllib  # type: ignore[no-redef]
 try:  # Python 3.11 moved the regex parser; both are internal, hence the guarded use below
     from re import _constants as _sre
     from re import _parser as _sre_parser
@@ -48,6 +44,7 @@ except ImportError:
     import sre_constants as _sre  # type: ignore[no-redef]
     import sre_parse as _sre_parser  # type: ignore[no-redef]
 
+from ..config import ConfigError, read_toml
 from ..finding import Finding, NodeAction
 from .config import SLURM_STATES
 from .kernel_line import KernelLine, parse_line
@@ -306,12 +303,9 @@ def load_rules(admin_file: Optional[Path] = None, *, catalog: Path = XID_CATALOG
 
 def _read_toml(path: Path) -> Dict[str, Any]:
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except OSError as e:
-        raise RulesError(path, f"cannot read: {e.strerror or e}") from None
-    except ValueError as e:  # TOMLDecodeError, or bytes that are not UTF-8
-        raise RulesError(path, f"not valid TOML: {e}") from None
+        return read_toml(path)
+    except ConfigError as e:  # one reader for every TOML file; errors keep the rules' shape
+        raise RulesError(path, str(e).split(": ", 1)[1]) from None
 
 
 class _Merged:

@@ -497,7 +497,7 @@ def test_table_errors_name_file_and_key(tmp_path, text, key, problem):
 
 @pytest.mark.parametrize("content, problem", [
     (b"[rules.x\npattern = 'x'\n", "not valid TOML"),
-    (b"\xff\xfe[rules]", "not valid TOML"),
+    (b"\xff\xfe[rules]", "not UTF-8 text"),
 ])
 def test_unreadable_toml(tmp_path, content, problem):
     admin = tmp_path / "rules.toml"
@@ -507,7 +507,7 @@ def test_unreadable_toml(tmp_path, content, problem):
 
 
 def test_missing_admin_file(tmp_path):
-    with pytest.raises(RulesError, match=re.escape(f"{tmp_path / 'nope.toml'}: cannot read")):
+    with pytest.raises(RulesError, match=re.escape(f"{tmp_path / 'nope.toml'}: file not found")):
         load_rules(tmp_path / "nope.toml")
 
 
