@@ -183,9 +183,11 @@ class Agent:
     def read_kernel_log(self) -> None:
         budget = self.config.kernel_log.max_bytes_per_poll
         for source in self.sources:
+            # Measured before the read, when the backlog is largest: after it, the gauge
+            # would only ever show how little was left (it under-reported 5x in a flood).
+            self.metrics.log_lag.labels(source.name).set(source.lag_bytes())
             lines = source.read(budget)
             self.metrics.log_lines.labels(source.name).inc(len(lines))
-            self.metrics.log_lag.labels(source.name).set(source.lag_bytes())
             found = [f for f in (self.rules.classify(line.text, self.gpu_for_pci) for line in lines)
                      if f is not None and not self.before_boot(f)]
             if found:
