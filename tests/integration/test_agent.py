@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 
@@ -237,3 +238,52 @@ def test_check_reads_kernel_log_back_to_boot_only(agents):
         state.write_text(original)
         time.sleep(1.5)
         resume(agents, "n3")
+
+
+def test_systemd_notify_protocol(tmp_path):
+    """The real daemon under a systemd-like supervisor: READY, WATCHDOG, STATUS, reload, clean stop."""
+    log = tmp_path / "kern.log"
+    log.write_text("")
+    conf = tmp_path / "agent.toml"
+    conf.write_text(f"""
+[agent]
+node_name = "nodeless"
+state_dir = "{tmp_path / 'state'}"
+metrics_port = 0
+[kernel_log]
+sources = ["{log}"]
+[nvml]
+enabled = false
+""")
+    sock_path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(sock_path)
+        sock.settimeout(20)
+        env = {**os.environ, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "2000000"}
+        proc = subprocess.Popen(["hpresilience", "agent", "--config", str(conf)], env=env,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            messages = [sock.recv(4096).decode() for _ in range(2)]
+            assert messages[0].startswith("READY=1\nSTATUS=watching nodeless")
+            assert "WATCHDOG=1" in messages[1] or "STATUS=" in messages[1]
+            proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and proc.poll() is None:
+                if sock.recv(4096) == b"WATCHDOG=1":
+                    break
+            assert proc.poll() is None, "the agent must survive SIGHUP"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+            rest = []
+            sock.settimeout(0.5)
+            try:
+                while True:
+                    rest.append(sock.recv(4096))
+            except socket.timeout:
+                pass
+            assert b"STOPPING=1" in rest
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        stderr = proc.stderr.read()
+        assert '"agent.reloaded"' in stderr and '"agent.stopped"' in stderr
