@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 from typing import Any, Dict, Optional
-
-import pytest
 
 from tests.fake_nvml import LIBRARY_NAME, FakeGpuState, build_fake_nvml, fake_nvml_env
 
@@ -25,18 +22,6 @@ PRELUDE = textwrap.dedent("""\
         except n.NVMLError as e:
             return type(e).__name__
 """)
-
-
-@pytest.fixture(scope="module")
-def lib_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc not found: the fake NVML library cannot be built")
-    return build_fake_nvml(tmp_path_factory.getbasetemp() / "fake_nvml")
-
-
-@pytest.fixture
-def state(tmp_path: Path) -> FakeGpuState:
-    return FakeGpuState(tmp_path / "node.state")
 
 
 def run_pynvml(lib_dir: Path, state_file: Path, body: str) -> Dict[str, Any]:

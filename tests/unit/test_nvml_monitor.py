@@ -6,7 +6,6 @@ import ctypes
 import json
 import os
 import queue
-import shutil
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from tests.fake_nvml import FakeGpuState, build_fake_nvml, fake_nvml_env
+from tests.fake_nvml import FakeGpuState, fake_nvml_env
 
 DRIVER = Path(__file__).resolve().parents[1] / "fake_nvml" / "monitor_driver.py"
 
@@ -52,18 +51,6 @@ class MonitorProcess:
         self._proc.kill()
         self._proc.wait(timeout=10)
         return self._proc.stderr.read()
-
-
-@pytest.fixture(scope="module")
-def lib_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc not found: the fake NVML library cannot be built")
-    return build_fake_nvml(tmp_path_factory.getbasetemp() / "fake_nvml")
-
-
-@pytest.fixture
-def state(tmp_path: Path) -> FakeGpuState:
-    return FakeGpuState(tmp_path / "node.state")
 
 
 @pytest.fixture
