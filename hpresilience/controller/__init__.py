@@ -1,0 +1,1 @@
+"""The controller: drives `Action:` nodes through reboot/replacement and back into service."""
