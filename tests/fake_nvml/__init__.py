@@ -12,11 +12,12 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 SOURCE = Path(__file__).resolve().with_name("fake_nvml.c")
 LIBRARY_NAME = "libnvidia-ml.so.1"
 STATE_ENV = "HPR_FAKE_NVML_STATE"
+CALL_LOG_ENV = "HPR_FAKE_NVML_CALL_LOG"  # the library appends "<function> <GPU index>" per call (README.md)
 
 
 class FakeNvmlUnavailable(RuntimeError):
@@ -64,12 +65,23 @@ def build_fake_nvml(dest_dir: Path) -> Path:
     return dest_dir
 
 
-def fake_nvml_env(lib_dir: Path, state_file: Path, base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """Environment for a subprocess that should load the fake library with this state."""
+def fake_nvml_env(lib_dir: Path, state_file: Path, base: Optional[Dict[str, str]] = None,
+                  call_log: Optional[Path] = None) -> Dict[str, str]:
+    """Environment for a subprocess that should load the fake library with this state
+    (and log every NVML call to `call_log`, see `read_call_log`)."""
     env = dict(os.environ if base is None else base)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(lib_dir), env.get("LD_LIBRARY_PATH", "")) if p)
     env[STATE_ENV] = str(state_file)
+    if call_log is not None:
+        env[CALL_LOG_ENV] = str(call_log)
     return env
+
+
+def read_call_log(call_log: Path) -> List[Tuple[str, int]]:
+    """The (function, GPU index or -1) of each NVML call logged so far, in call order."""
+    if not call_log.exists():
+        return []
+    return [(name, int(gpu)) for name, gpu in (line.split() for line in call_log.read_text().splitlines())]
 
 
 class FakeGpuState:

@@ -357,6 +357,25 @@ static nvmlReturn_t override_locked(const char *func, int gpu)
 }
 
 /*
+ * $HPR_FAKE_NVML_CALL_LOG names a file that gets one line "<function> <GPU index, -1 for none>"
+ * per call, flushed at once, so a test can count the calls a pass makes.
+ */
+static void log_call_locked(const char *func, int gpu)
+{
+    static FILE *out;
+    static int opened;
+    if (!opened) {
+        const char *path = getenv("HPR_FAKE_NVML_CALL_LOG");
+        out = path && *path ? fopen(path, "a") : NULL;
+        opened = 1;
+    }
+    if (out) {
+        fprintf(out, "%s %d\n", func, gpu);
+        fflush(out);
+    }
+}
+
+/*
  * Every entry point starts here: reload the state, hang if asked to (outside
  * the lock, so other threads are not blocked by it) and apply error overrides.
  * Returns with the lock held; callers finish with leave().
@@ -364,6 +383,7 @@ static nvmlReturn_t override_locked(const char *func, int gpu)
 static nvmlReturn_t enter(const char *func, int gpu, int needs_init)
 {
     pthread_mutex_lock(&lock);
+    log_call_locked(func, gpu);
     reload_locked();
     double hang = S.hang_seconds;
     if (hang > 0) {
@@ -457,6 +477,7 @@ const char *nvmlErrorString(nvmlReturn_t result)
     case NVML_ERROR_GPU_IS_LOST: return "GPU is lost";
     case NVML_ERROR_RESET_REQUIRED: return "GPU requires restart";
     case NVML_ERROR_GPU_NOT_FOUND: return "GPU not found";
+    case NVML_ERROR_LIB_RM_VERSION_MISMATCH: return "RM has detected an NVML/RM version mismatch.";
     default: return "Unknown Error";
     }
 }

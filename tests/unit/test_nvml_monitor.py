@@ -1,5 +1,6 @@
 """NvmlMonitor end to end: the real pynvml against the fake libnvidia-ml, in a
-subprocess per test (the dynamic loader reads LD_LIBRARY_PATH at start-up)."""
+subprocess per test (the dynamic loader reads LD_LIBRARY_PATH at start-up);
+a collector that must not call NVML at all is tested in-process."""
 from __future__ import annotations
 
 import ctypes
@@ -10,12 +11,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from tests.fake_nvml import FakeGpuState, fake_nvml_env
+from hpresilience.agent.monitor import MonitorError
+from hpresilience.agent.monitors.nvml import REINIT_AFTER_FAILED_CHECKS, NvmlCollector, NvmlConfig
+from tests.fake_nvml import FakeGpuState, fake_nvml_env, read_call_log
 
 DRIVER = Path(__file__).resolve().parents[1] / "fake_nvml" / "monitor_driver.py"
 
@@ -57,8 +61,8 @@ class MonitorProcess:
 def start(lib_dir: Path, state: FakeGpuState) -> Iterator:
     started: List[MonitorProcess] = []
 
-    def start(env: Optional[Dict[str, str]] = None, **config: Any) -> MonitorProcess:
-        started.append(MonitorProcess(env or fake_nvml_env(lib_dir, state.path), **config))
+    def start(env: Optional[Dict[str, str]] = None, call_log: Optional[Path] = None, **config: Any) -> MonitorProcess:
+        started.append(MonitorProcess(env or fake_nvml_env(lib_dir, state.path, call_log=call_log), **config))
         return started[-1]
 
     yield start
@@ -226,3 +230,99 @@ def test_driver_not_loaded_with_expected_gpus(start, state: FakeGpuState) -> Non
     assert monitor.check() == [("GPU_COUNT_LOW", "reboot", None)]
     state.set("error.nvmlInitWithFlags", 0)  # the driver loads after all
     assert monitor.check() == []
+
+
+class CallLog:
+    """The fake library's call log, read one pass at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen = 0
+
+    def since_last(self) -> List[Tuple[str, int]]:
+        calls = read_call_log(self.path)
+        new, self._seen = calls[self._seen:], len(calls)
+        return new
+
+    def count(self, function: str) -> int:
+        return sum(1 for name, _ in read_call_log(self.path) if name == function)
+
+
+def link_probes(calls: List[Tuple[str, int]]) -> Dict[int, int]:
+    """GPU index -> nvmlDeviceGetNvLinkState calls."""
+    return dict(Counter(gpu for name, gpu in calls if name == "nvmlDeviceGetNvLinkState"))
+
+
+def test_late_check_after_close_stays_closed(start, state: FakeGpuState, tmp_path: Path) -> None:
+    # A reload: the monitor thread is stuck in a hung driver past the join timeout,
+    # the monitor is closed, and that thread calls check() once more later.
+    calls = CallLog(tmp_path / "nvml.calls")
+    monitor = start(call_log=calls.path, startup_grace_seconds=0, call_timeout_seconds=0.5)
+    assert monitor.check() == []
+    state.hang(2)
+    assert monitor.ask("check", timeout=10)["error"] == "MonitorError"
+    assert monitor.ask("close") == {"closed": True}  # the NVML thread is still hung: left behind
+    reply = monitor.ask("check", timeout=10)
+    assert reply["findings"] == [] and reply["seconds"] < 0.1, reply  # no new thread stuck in the driver
+    time.sleep(2)  # the hung call returns
+    state.hang(0)
+    calls.since_last()
+    assert monitor.check() == []
+    assert calls.since_last() == [] and calls.count("nvmlInitWithFlags") == 1  # NVML is never touched again
+
+
+def test_closed_collector_never_starts_a_session() -> None:
+    # A check queued on the NVML thread before close() runs after the collector closed.
+    made: List[str] = []
+    collector = NvmlCollector(NvmlConfig(), lambda fn, *args: made.append(fn.__name__), time.monotonic)
+    collector.close()
+    with pytest.raises(MonitorError, match="closed"):
+        collector.collect()
+    assert made == []
+
+
+@pytest.mark.parametrize("code, error", [(1, "NVMLError_Uninitialized"), (9, "NVMLError_DriverNotLoaded"),
+                                         (18, "NVMLError_LibRmVersionMismatch")])
+def test_dead_session_is_initialised_again(start, state: FakeGpuState, tmp_path: Path, code: int,
+                                           error: str) -> None:
+    calls = CallLog(tmp_path / "nvml.calls")
+    monitor = start(call_log=calls.path, startup_grace_seconds=0)
+    assert monitor.check() == []
+    state.error("nvmlDeviceGetCount_v2", code)  # the driver was reloaded or upgraded under the agent
+    for reinits in (1, 2):
+        for _ in range(REINIT_AFTER_FAILED_CHECKS):
+            assert calls.count("nvmlShutdown") == reinits - 1  # not before N checks in a row
+            reply = monitor.ask("check")
+            assert reply.get("error") == "MonitorError" and "nvmlDeviceGetCount failed" in reply["message"], reply
+        assert calls.count("nvmlShutdown") == reinits
+    state.error("nvmlDeviceGetCount_v2", 0)
+    calls.since_last()
+    assert monitor.check() == []
+    recovered = calls.since_last()
+    assert recovered[0] == ("nvmlInitWithFlags", -1)  # a new session ...
+    assert link_probes(recovered) == {gpu: 36 for gpu in range(8)}  # ... probes every NVLink again
+    logged = [json.loads(line) for line in monitor.stop().splitlines()]
+    reinit = [e for e in logged if e["event"] == "nvml session dead, re-initialising"]
+    assert len(reinit) == 2 and reinit[0]["error"].startswith(error), reinit  # once per re-init
+
+
+def test_other_nvml_errors_keep_the_session(start, state: FakeGpuState, tmp_path: Path) -> None:
+    calls = CallLog(tmp_path / "nvml.calls")
+    monitor = start(call_log=calls.path, startup_grace_seconds=0)
+    assert monitor.check() == []
+    state.error("nvmlDeviceGetCount_v2", 999)  # NVML_ERROR_UNKNOWN says nothing about the session
+    for _ in range(REINIT_AFTER_FAILED_CHECKS + 1):
+        assert monitor.ask("check")["error"] == "MonitorError"
+    assert calls.count("nvmlShutdown") == 0 and calls.count("nvmlInitWithFlags") == 1
+
+
+def test_nvlinks_are_probed_once_per_session(start, state: FakeGpuState, tmp_path: Path) -> None:
+    calls = CallLog(tmp_path / "nvml.calls")
+    state.nvlinks(0, gpu=1).nvlinks(12, gpu=2)  # a PCIe GPU and a partial topology among 18-link GPUs
+    monitor = start(call_log=calls.path, startup_grace_seconds=0)
+    assert monitor.check() == []
+    assert link_probes(calls.since_last()) == {gpu: 36 for gpu in range(8)}  # NVML_NVLINK_MAX_LINKS
+    assert monitor.check() == []
+    assert link_probes(calls.since_last()) == {0: 18, 2: 12, 3: 18, 4: 18, 5: 18, 6: 18, 7: 18}
+    state.nvlink(2, 11, active=False)  # a link that was up goes down: still seen
+    assert monitor.check() == [("NVLINK_DOWN", "reboot", "GPU 2 (0000:75:00.0)")]

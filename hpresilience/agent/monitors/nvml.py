@@ -6,7 +6,16 @@ so every fault rule is tested with plain data and the NVML path with the real
 pynvml against a fake libnvidia-ml (tests/fake_nvml).
 
 `NvmlMonitor` runs all NVML work on one dedicated thread and waits for it with
-a timeout, so a hung driver blocks that thread and never the agent.
+a timeout, so a hung driver blocks that thread and never the agent. A closed
+monitor stays closed: a late `check()` (from a monitor thread that outlived a
+reload) returns [] without starting a thread or touching NVML.
+
+A driver that was unloaded, reloaded or upgraded under the agent leaves the NVML
+session dead (UNINITIALIZED, DRIVER_NOT_LOADED, LIB_RM_VERSION_MISMATCH): after
+`REINIT_AFTER_FAILED_CHECKS` checks in a row that got such an answer the
+collector shuts the session down and the next check initialises a new one. A
+hung driver is not that case: its calls never answer, and the monitor only
+waits for them to return.
 
 XIDs: NVML delivers XID critical-error events, but it cannot report every XID
 (79, 119 and 120 are missed, DCGM #162) and the XID -> action mapping is owned
@@ -79,6 +88,11 @@ EVENT_TYPES = pynvml.nvmlEventTypeXidCriticalError | pynvml.nvmlEventTypeDoubleB
 _ABSENT = (pynvml.NVMLError_NotSupported, pynvml.NVMLError_FunctionNotFound, pynvml.NVMLError_NoPermission)
 # Answers that mean the GPU itself is gone or unusable until a reset.
 _LOST = (pynvml.NVMLError_GpuIsLost, pynvml.NVMLError_ResetRequired)
+# Answers that mean the NVML session itself is gone: nothing answers again until nvmlShutdown and a new init.
+_SESSION_DEAD = (pynvml.NVMLError_Uninitialized, pynvml.NVMLError_DriverNotLoaded,
+                 pynvml.NVMLError_LibRmVersionMismatch)
+# Several checks in a row, not one: a driver being reloaded answers like this for a moment too.
+REINIT_AFTER_FAILED_CHECKS = 3
 
 
 @dataclass
@@ -335,20 +349,27 @@ class NvmlCollector:
 
     def __init__(self, config: NvmlConfig, call: Callable[..., Any], clock: Callable[[], float]) -> None:
         self._config = config
-        self._call = call
+        self._nvml = call
         self._clock = clock
+        self._closed = False
         self._initialized = False
+        self._session_error: Optional[pynvml.NVMLError] = None  # a session-dead answer in the current pass
+        self._dead_checks = 0                                    # passes in a row that got one
         self._event_set: Optional[Any] = None
         self._event_gpus: Dict[Optional[int], int] = {}    # handle address -> GPU index
         self._event_tried: Set[int] = set()
         self._identity: Dict[int, Tuple[Optional[str], Optional[str]]] = {}  # index -> (uuid, pci) last seen
         self._known_pci: Set[str] = set()
-        self._seen_active: Set[Tuple[int, int]] = set()    # (GPU index, link)
+        self._seen_active: Set[Tuple[int, int]] = set()    # (GPU index, link); kept across re-inits
+        self._links: Dict[str, Tuple[int, ...]] = {}       # GPU uuid -> its link indices, from a full probe
         self._logged: Set[str] = set()
 
     def collect(self) -> NvmlSnapshot:
         """One reading. Raises NVMLError_LibraryNotFound when there is no driver
-        library at all; a driver that does not start gives a snapshot with init_error."""
+        library at all; a driver that does not start gives a snapshot with init_error.
+        Raises MonitorError once closed: a closed collector never starts a session again."""
+        if self._closed:
+            raise MonitorError("NVML monitor is closed")
         taken_at = self._clock()
         if not self._initialized:
             try:
@@ -357,6 +378,13 @@ class NvmlCollector:
                 raise
             except pynvml.NVMLError as e:
                 return NvmlSnapshot(taken_at=taken_at, gpu_count=0, init_error=str(e))
+        self._session_error = None
+        try:
+            return self._read(taken_at)
+        finally:
+            self._judge_session()
+
+    def _read(self, taken_at: float) -> NvmlSnapshot:
         try:
             count = self._call(pynvml.nvmlDeviceGetCount)
         except pynvml.NVMLError as e:
@@ -374,6 +402,11 @@ class NvmlCollector:
                             dbe_events=dbe_events, missing=tuple(sorted(self._known_pci - present)))
 
     def close(self) -> None:
+        """Ends the session for good (see collect)."""
+        self._closed = True
+        self._shutdown()
+
+    def _shutdown(self) -> None:
         if not self._initialized:
             return
         if self._event_set is not None:
@@ -381,6 +414,33 @@ class NvmlCollector:
             self._event_set = None
         self._quietly(pynvml.nvmlShutdown)
         self._initialized = False
+        # Handles, event registrations and the link probe belong to the old session.
+        self._event_gpus.clear()
+        self._event_tried.clear()
+        self._links.clear()
+
+    def _judge_session(self) -> None:
+        """After REINIT_AFTER_FAILED_CHECKS passes in a row in which NVML said the
+        session is dead, shut it down: the next collect() initialises a new one."""
+        error = self._session_error
+        if error is None:
+            self._dead_checks = 0
+            return
+        self._dead_checks += 1
+        if self._dead_checks < REINIT_AFTER_FAILED_CHECKS:
+            return
+        log.warning("nvml session dead, re-initialising", error=f"{type(error).__name__}: {error}",
+                    failed_checks=self._dead_checks)
+        self._dead_checks = 0
+        self._shutdown()
+
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Every NVML call of the collector; notes session-dead answers for _judge_session."""
+        try:
+            return self._nvml(fn, *args)
+        except _SESSION_DEAD as e:
+            self._session_error = e
+            raise
 
     def _start(self) -> None:
         self._call(pynvml.nvmlInitWithFlags, pynvml.NVML_INIT_FLAG_NO_GPUS)
@@ -423,7 +483,7 @@ class NvmlCollector:
             remap_pending=bool(remap[2]) if remap else None,
             remap_failure=bool(remap[3]) if remap else None,
             retired_pages_pending=bool(retired) if retired is not None else None,
-            nvlinks=self._read_nvlinks(index, handle) if self._config.nvlink else (),
+            nvlinks=self._read_nvlinks(index, uuid, handle) if self._config.nvlink else (),
             throttle_reasons=value(_clocks_event_reasons, handle),
             recovery_action=self._recovery_action(handle),
         )
@@ -441,9 +501,16 @@ class NvmlCollector:
             self._log_once("nvml query failed", call=fn.__name__, error=str(e))
             return None
 
-    def _read_nvlinks(self, index: int, handle: Any) -> Tuple[NvLinkStatus, ...]:
-        links = []
-        for link in range(pynvml.NVML_NVLINK_MAX_LINKS):
+    def _read_nvlinks(self, index: int, uuid: str, handle: Any) -> Tuple[NvLinkStatus, ...]:
+        # Probing every index NVML may have costs one raised NOT_SUPPORTED per missing
+        # link on every GPU (18 of 36 on an H100, all 36 on a PCIe GPU), so the links
+        # that answered a full probe are remembered and later passes ask only for
+        # them; a new session (re-init) probes again.
+        known = self._links.get(uuid)
+        links: List[NvLinkStatus] = []
+        present: List[int] = []
+        complete = True
+        for link in range(pynvml.NVML_NVLINK_MAX_LINKS) if known is None else known:
             try:
                 active = self._call(pynvml.nvmlDeviceGetNvLinkState, handle, link) == pynvml.NVML_FEATURE_ENABLED
             except pynvml.NVMLError_InvalidArgument:
@@ -454,13 +521,17 @@ class NvmlCollector:
                 continue  # a PCIe GPU, or a link this GPU does not have
             except pynvml.NVMLError as e:
                 self._log_once("nvml query failed", call="nvmlDeviceGetNvLinkState", error=str(e))
+                complete = False  # this link may exist: probe all again next time
                 continue
+            present.append(link)
             if active:
                 self._seen_active.add((index, link))
             errors = {name: self._optional(pynvml.nvmlDeviceGetNvLinkErrorCounter, handle, link, counter)
                       for name, counter in NVLINK_COUNTERS.items()}
             links.append(NvLinkStatus(link=link, active=active, was_active=(index, link) in self._seen_active,
                                       errors={k: v for k, v in errors.items() if v is not None}))
+        if known is None and complete:
+            self._links[uuid] = tuple(present)
         return tuple(links)
 
     def _recovery_action(self, handle: Any) -> Optional[int]:
@@ -642,6 +713,8 @@ class NvmlMonitor:
     def __init__(self, config: Optional[NvmlConfig] = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config or NvmlConfig()
         self.disabled_reason: Optional[str] = None
+        self.closed = False  # for good: see close()
+        self._lock = threading.Lock()  # close() may run on another thread than a late check()
         self._clock = clock
         self.started_at = clock()
         self._tracker = CallTracker()
@@ -658,16 +731,22 @@ class NvmlMonitor:
         return self._previous
 
     def check(self) -> List[Finding]:
-        if self.disabled_reason is not None:
-            return []
-        if self._thread is None:
-            self._thread = NvmlThread(self._tracker, self.config.call_timeout_seconds,
-                                      self.config.pass_timeout_seconds)
+        with self._lock:
+            if self.closed:  # a disabled monitor is closed too
+                return []
+            if self._thread is None:
+                self._thread = NvmlThread(self._tracker, self.config.call_timeout_seconds,
+                                          self.config.pass_timeout_seconds)
+            thread = self._thread
         try:
-            snapshot = self._thread.run(self._collector.collect)
+            snapshot = thread.run(self._collector.collect)
         except pynvml.NVMLError_LibraryNotFound:
             self._disable("libnvidia-ml.so.1 not found (no NVIDIA driver on this node)")
             return []
+        except MonitorError:
+            if self.closed:
+                return []  # closed while this check ran: the collector refused to start again
+            raise
         now = self._clock()
         in_grace = now - self.started_at < self.config.startup_grace_seconds
         if snapshot.gpu_count == 0 and not self.config.expected_gpus:
@@ -686,7 +765,12 @@ class NvmlMonitor:
         return findings
 
     def close(self) -> None:
-        thread, self._thread = self._thread, None
+        """Shuts NVML down for good. A check() after it returns [] without starting a
+        thread or calling NVML: the agent's monitor thread may outlive a reload's join
+        timeout and call this monitor once more."""
+        with self._lock:
+            self.closed = True
+            thread, self._thread = self._thread, None
         if thread is None:
             return
         if thread.busy:
