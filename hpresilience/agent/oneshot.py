@@ -21,6 +21,7 @@ from .config import AgentConfig
 from .daemon import agent_gateway, build_monitors
 from .kernel_line import parse_line
 from .kernel_rules import load_rules
+from .logsource import parse_kmsg_record
 from .monitor import MonitorError
 from .monitors.nvml import NvmlMonitor
 from .node import STAMP_SLACK_SECONDS, boot_time, node_name
@@ -58,19 +59,20 @@ def file_lines_since(path: Path, since: float) -> Iterator[str]:
 
 
 def kmsg_lines(path: str = "/dev/kmsg") -> Iterator[str]:
-    """Every record still in the kernel ring buffer: all of them are from this boot."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    """Every kernel record still in the ring buffer: all of them are from this boot.
+    Records a program wrote to /dev/kmsg are skipped, as the agent skips them."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         while True:
             try:
-                record = os.read(fd, 16384)
+                raw = os.read(fd, 16384)
             except BlockingIOError:
                 return
             except BrokenPipeError:
                 continue  # overwritten while we read: skip to the next record
-            parsed = parse_line(record.split(b"\n", 1)[0])
-            if parsed:
-                yield parsed.text
+            record = parse_kmsg_record(raw)
+            if record is not None and record.facility == 0:
+                yield record.message
     finally:
         os.close(fd)
 
