@@ -26,6 +26,7 @@ class ConfigError(Exception):
         super().__init__(f"{source}: {key}: {problem}" if key else f"{source}: {problem}")
         self.source = source
         self.key = key
+        self.problem = problem
 
 
 def read_toml(path: Path) -> Dict[str, Any]:

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import structlog
 
 from ..finding import NodeAction
-from ..slurm import ActionReason, NodeState, SlurmError, SlurmGateway, SlurmUnavailable
-from ..slurm.reason import parse_reason
+from ..slurm import ActionReason, NodeState, ReasonNotOurs, SlurmError, SlurmGateway, SlurmUnavailable
 from .policy import Decision
 
 log = structlog.get_logger(__name__)
@@ -52,21 +51,20 @@ class Actuator:
             node = self.gateway.node(self.node_name)
             if node.reboot_pending:
                 return Outcome.REBOOTING
-            current = parse_reason(node.reason)
-            if node.reason and current is None:
+            if node.reason_is_foreign:
                 return Outcome.FOREIGN_REASON
+            current = node.action_reason
             out_of_service = node.is_drained or node.is_down
             if current and out_of_service and NodeAction.parse(current.action.value).rank >= decision.action.rank:
                 return Outcome.ALREADY
             state = NodeState(decision.slurm_state.upper())
-            if state is NodeState.RESUME:
-                raise ValueError("a decision never resumes a node")
             if self.dry_run:
                 log.info("agent.action", outcome="dry_run", node=self.node_name, reason=str(reason),
                          state=decision.slurm_state)
                 return Outcome.DRY_RUN
-            # Ownership was checked on the state just read; set_state saves a second read.
-            self.gateway.set_state(node.name, state, str(reason))
+            self.gateway.mark_action(node, reason, state)  # the node just read: no second read
+        except ReasonNotOurs:
+            return Outcome.FOREIGN_REASON
         except SlurmUnavailable as e:
             log.warning("agent.action_deferred", node=self.node_name, error=str(e))
             return Outcome.DEFERRED

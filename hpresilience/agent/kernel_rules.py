@@ -305,7 +305,7 @@ def _read_toml(path: Path) -> Dict[str, Any]:
     try:
         return read_toml(path)
     except ConfigError as e:  # one reader for every TOML file; errors keep the rules' shape
-        raise RulesError(path, str(e).split(": ", 1)[1]) from None
+        raise RulesError(path, e.problem) from None
 
 
 class _Merged:

@@ -17,7 +17,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS workflows (
@@ -177,25 +177,17 @@ class Journal:
         return [_workflow(r) for r in self.db.execute("SELECT * FROM workflows WHERE status = 'active' ORDER BY id")]
 
     def history(self, node: Optional[str] = None, since: Optional[float] = None) -> List[Workflow]:
-        query, args = "SELECT * FROM workflows WHERE 1=1", []
-        if node is not None:
-            query += " AND node = ?"
-            args.append(node)
-        if since is not None:
-            query += " AND created_at >= ?"
-            args.append(since)
-        return [_workflow(r) for r in self.db.execute(query + " ORDER BY id", args)]
+        return [_workflow(r) for r in self._select("workflows", [("node = ?", node), ("created_at >= ?", since)])]
 
     def events(self, workflow_id: Optional[int] = None, node: Optional[str] = None) -> List[Event]:
-        query, args = "SELECT * FROM events WHERE 1=1", []
-        if workflow_id is not None:
-            query += " AND workflow_id = ?"
-            args.append(workflow_id)
-        if node is not None:
-            query += " AND node = ?"
-            args.append(node)
         return [Event(r["id"], r["workflow_id"], r["node"], r["at"], r["kind"], json.loads(r["detail"]))
-                for r in self.db.execute(query + " ORDER BY id", args)]
+                for r in self._select("events", [("workflow_id = ?", workflow_id), ("node = ?", node)])]
+
+    def _select(self, table: str, filters: List[Tuple[str, Any]]) -> List[sqlite3.Row]:
+        """Rows of `table` matching every filter whose value is not None, oldest first."""
+        given = [(clause, value) for clause, value in filters if value is not None]
+        where = " AND ".join(clause for clause, _ in given) or "1=1"
+        return self.db.execute(f"SELECT * FROM {table} WHERE {where} ORDER BY id", [v for _, v in given]).fetchall()
 
 
 def _workflow(row: sqlite3.Row) -> Workflow:

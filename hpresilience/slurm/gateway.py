@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import structlog
 
@@ -115,11 +115,14 @@ class SlurmGateway:
         self.backend.update_nodes(nodelist, state.value, reason)
         log.info("slurm.set_state", nodes=nodelist, state=state.value, reason=reason)
 
-    def mark_action(self, node: str, action: ActionReason, state: NodeState = NodeState.FAIL) -> Node:
-        """Take a node out of service with an Action: reason, unless someone
-        else's reason is already on it. Returns the node as it was before."""
-        current = self.node(node)
-        if current.reason and not is_ours(current.reason):
+    def mark_action(self, node: Union[str, Node], action: ActionReason, state: NodeState = NodeState.FAIL) -> Node:
+        """Take a node out of service with an Action: reason, unless someone else's
+        reason is already on it. Pass a Node just read to save a second read.
+        Returns the node as it was before."""
+        if state is NodeState.RESUME:
+            raise ValueError("mark_action takes a node out of service; it never resumes one")
+        current = node if isinstance(node, Node) else self.node(node)
+        if current.reason_is_foreign:
             raise ReasonNotOurs(current.name, current.reason)
         self.set_state(current.name, state, str(action))
         return current

@@ -49,6 +49,11 @@ class Node:
         return parse_reason(self.reason)
 
     @property
+    def reason_is_foreign(self) -> bool:
+        """Someone else's reason (an admin, NHC, Slurm) is on the node: never ours to change."""
+        return bool(self.reason) and self.action_reason is None
+
+    @property
     def is_down(self) -> bool:
         return self.state == "DOWN"
 

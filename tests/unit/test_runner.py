@@ -41,26 +41,27 @@ def test_timeout_is_transient_and_retried():
         runner.run(["sleep", "5"])
 
 
-def test_permanent_error_not_retried(tmp_path):
+def failing_scontrol(tmp_path, message):
+    """A stand-in program that fails with `message` and counts its calls."""
     calls = tmp_path / "calls"
-    script = tmp_path / "fails"
-    script.write_text(f"#!/bin/sh\necho x >> {calls}\necho 'Invalid node name specified' >&2\nexit 1\n")
+    script = tmp_path / "scontrol"
+    script.write_text(f"#!/bin/sh\necho x >> {calls}\necho '{message}' >&2\nexit 1\n")
     script.chmod(0o755)
-    runner = CommandRunner(attempts=5, sleep=lambda s: None)
+    return str(script), lambda: calls.read_text().count("x")
+
+
+def test_permanent_error_not_retried(tmp_path):
+    script, calls = failing_scontrol(tmp_path, "Invalid node name specified")
     with pytest.raises(NodeNotFound):
-        runner.run([str(script)], Target(node="n9"))
-    assert calls.read_text().count("x") == 1
+        CommandRunner(attempts=5, sleep=lambda s: None).run([script], Target(node="n9"))
+    assert calls() == 1
 
 
 def test_transient_error_retried_until_attempts_used(tmp_path):
-    calls = tmp_path / "calls"
-    script = tmp_path / "down"
-    script.write_text(f"#!/bin/sh\necho x >> {calls}\necho 'Unable to contact slurm controller' >&2\nexit 1\n")
-    script.chmod(0o755)
-    runner = CommandRunner(attempts=3, sleep=lambda s: None)
+    script, calls = failing_scontrol(tmp_path, "Unable to contact slurm controller")
     with pytest.raises(SlurmUnavailable):
-        runner.run([str(script)])
-    assert calls.read_text().count("x") == 3
+        CommandRunner(attempts=3, sleep=lambda s: None).run([script])
+    assert calls() == 3
 
 
 def test_missing_program_says_what_to_install(tmp_path):
