@@ -7,6 +7,7 @@ from .. import __version__
 from ..log import configure
 from .agent_cmds import agent, check, classify
 from .slurm_cmds import slurm
+from .status_cmds import history, status
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,5 +20,5 @@ def main(log_level: str, log_format: str) -> None:
     configure(level=log_level, json=log_format == "json")
 
 
-for command in (slurm, agent, check, classify):
+for command in (slurm, agent, check, classify, status, history):
     main.add_command(command)
