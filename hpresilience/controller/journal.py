@@ -12,12 +12,14 @@ At most one active workflow per node is enforced by the schema.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS workflows (
@@ -43,6 +45,11 @@ CREATE TABLE IF NOT EXISTS events (
     detail TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS events_by_node ON events(node, at);
+CREATE TABLE IF NOT EXISTS control (     -- operator switches that must survive restarts
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    at REAL NOT NULL
+);
 """
 
 ACTIVE = "active"
@@ -76,6 +83,16 @@ class Workflow:
 
 
 @dataclass(frozen=True)
+class Breaker:
+    """The circuit breaker as journaled: tripped until an admin resets it."""
+    tripped: bool
+    tripped_at: Optional[float] = None
+    detail: str = ""
+    reset_at: Optional[float] = None        # the last `hpresilience controller resume`
+    reset_by: str = ""
+
+
+@dataclass(frozen=True)
 class Event:
     id: int
     workflow_id: Optional[int]
@@ -92,7 +109,9 @@ class Journal:
         self.clock = clock
         # isolation_level=None: we open transactions ourselves (BEGIN IMMEDIATE), so a
         # transition is one atomic read-check-write even with two controllers on one file.
-        self.db = sqlite3.connect(str(path), timeout=10, isolation_level=None)
+        # The controller's worker threads share one connection, serialised by a lock.
+        self.db = sqlite3.connect(str(path), timeout=10, isolation_level=None, check_same_thread=False)
+        self.lock = threading.RLock()
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a step acknowledged is a step on disk
@@ -100,7 +119,19 @@ class Journal:
         self.db.executescript(SCHEMA)
 
     def close(self) -> None:
-        self.db.close()
+        with self.lock:
+            self.db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
     # ------------------------------------------------------------------ writes
     def open_workflow(self, node: str, action: str, reason: str, step: str, detected_at: float,
@@ -108,26 +139,22 @@ class Journal:
         """Start a workflow for `node`, or return the one already active (idempotent:
         a controller restarted mid-pass must not start a second one)."""
         now = self.clock()
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             existing = self._active(node)
             if existing is not None:
-                self.db.execute("COMMIT")
                 return existing
             cur = self.db.execute(
                 "INSERT INTO workflows (node, action, reason, step, status, detected_at, created_at, updated_at, data)"
                 " VALUES (?, ?, ?, ?, 'active', ?, ?, ?, ?)",
                 (node, action, reason, step, detected_at, now, now, json.dumps(data or {})))
             self._event(cur.lastrowid, node, "started", {"action": action, "step": step, "reason": reason})
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
         return self.workflow(cur.lastrowid)
 
     def advance(self, workflow_id: int, expected_step: str, new_step: str,
-                data: Optional[Dict[str, Any]] = None, status: str = ACTIVE) -> Optional[Workflow]:
-        """Move a workflow from `expected_step` to `new_step` (merging `data` into its facts).
+                data: Optional[Dict[str, Any]] = None, status: str = ACTIVE,
+                action: Optional[str] = None) -> Optional[Workflow]:
+        """Move a workflow from `expected_step` to `new_step` (merging `data` into its
+        facts; `action` changes the workflow's action, e.g. an escalation to replace).
 
         Returns the updated workflow, or None when it is no longer in `expected_step`
         (another controller, or this one before a crash, already moved it): the caller
@@ -135,36 +162,72 @@ class Journal:
         if status not in (ACTIVE, *FINISHED):
             raise JournalError(f"unknown status {status!r}")
         now = self.clock()
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             row = self.db.execute("SELECT * FROM workflows WHERE id = ?", (workflow_id,)).fetchone()
             if row is None or row["status"] != ACTIVE or row["step"] != expected_step:
-                self.db.execute("COMMIT")
                 return None
             facts = json.loads(row["data"])
             facts.update(data or {})
             self.db.execute(
-                "UPDATE workflows SET step = ?, status = ?, updated_at = ?, data = ?, finished_at = ? WHERE id = ?",
-                (new_step, status, now, json.dumps(facts), now if status in FINISHED else None, workflow_id))
-            self._event(workflow_id, row["node"], "step",
-                        {"from": expected_step, "to": new_step, "status": status, **(data or {})})
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
+                "UPDATE workflows SET step = ?, status = ?, updated_at = ?, data = ?, finished_at = ?, action = ?"
+                " WHERE id = ?",
+                (new_step, status, now, json.dumps(facts), now if status in FINISHED else None,
+                 action or row["action"], workflow_id))
+            detail = {"from": expected_step, "to": new_step, "status": status, **(data or {})}
+            if action and action != row["action"]:
+                detail["action"] = action
+            self._event(workflow_id, row["node"], "step", detail)
         return self.workflow(workflow_id)
 
     def record(self, node: str, kind: str, detail: Optional[Dict[str, Any]] = None,
                workflow_id: Optional[int] = None) -> None:
-        self._event(workflow_id, node, kind, detail or {})
+        with self.lock:
+            self._event(workflow_id, node, kind, detail or {})
 
     def _event(self, workflow_id: Optional[int], node: str, kind: str, detail: Dict[str, Any]) -> None:
         self.db.execute("INSERT INTO events (workflow_id, node, at, kind, detail) VALUES (?, ?, ?, ?, ?)",
                         (workflow_id, node, self.clock(), kind, json.dumps(detail, default=str)))
 
+    # ------------------------------------------------------------ the breaker
+    def trip_breaker(self, detail: str) -> None:
+        """Pause automatic action (kept across restarts until reset_breaker)."""
+        with self._transaction():
+            if self._control("breaker_tripped_at") is None:
+                self._set_control("breaker_tripped_at", str(self.clock()))
+                self._set_control("breaker_detail", detail)
+                self._event(None, "-", "breaker_tripped", {"detail": detail})
+
+    def reset_breaker(self, by: str) -> bool:
+        """Resume automatic action; returns False when the breaker was not tripped."""
+        with self._transaction():
+            tripped = self._control("breaker_tripped_at") is not None
+            self.db.execute("DELETE FROM control WHERE key IN ('breaker_tripped_at', 'breaker_detail')")
+            self._set_control("breaker_reset_at", str(self.clock()))
+            self._set_control("breaker_reset_by", by)
+            self._event(None, "-", "breaker_reset", {"by": by, "was_tripped": tripped})
+        return tripped
+
+    def breaker(self) -> Breaker:
+        with self.lock:
+            tripped_at = self._control("breaker_tripped_at")
+            reset_at = self._control("breaker_reset_at")
+            return Breaker(tripped=tripped_at is not None,
+                           tripped_at=float(tripped_at) if tripped_at else None,
+                           detail=self._control("breaker_detail") or "",
+                           reset_at=float(reset_at) if reset_at else None,
+                           reset_by=self._control("breaker_reset_by") or "")
+
+    def _control(self, key: str) -> Optional[str]:
+        row = self.db.execute("SELECT value FROM control WHERE key = ?", (key,)).fetchone()
+        return row["value"] if row else None
+
+    def _set_control(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO control (key, value, at) VALUES (?, ?, ?)", (key, value, self.clock()))
+
     # ------------------------------------------------------------------- reads
     def workflow(self, workflow_id: int) -> Workflow:
-        row = self.db.execute("SELECT * FROM workflows WHERE id = ?", (workflow_id,)).fetchone()
+        with self.lock:
+            row = self.db.execute("SELECT * FROM workflows WHERE id = ?", (workflow_id,)).fetchone()
         if row is None:
             raise JournalError(f"no workflow {workflow_id}")
         return _workflow(row)
@@ -174,20 +237,26 @@ class Journal:
         return _workflow(row) if row else None
 
     def active(self) -> List[Workflow]:
-        return [_workflow(r) for r in self.db.execute("SELECT * FROM workflows WHERE status = 'active' ORDER BY id")]
+        with self.lock:
+            rows = self.db.execute("SELECT * FROM workflows WHERE status = 'active' ORDER BY id").fetchall()
+        return [_workflow(r) for r in rows]
 
     def history(self, node: Optional[str] = None, since: Optional[float] = None) -> List[Workflow]:
         return [_workflow(r) for r in self._select("workflows", [("node = ?", node), ("created_at >= ?", since)])]
 
-    def events(self, workflow_id: Optional[int] = None, node: Optional[str] = None) -> List[Event]:
+    def events(self, workflow_id: Optional[int] = None, node: Optional[str] = None,
+               since: Optional[float] = None) -> List[Event]:
         return [Event(r["id"], r["workflow_id"], r["node"], r["at"], r["kind"], json.loads(r["detail"]))
-                for r in self._select("events", [("workflow_id = ?", workflow_id), ("node = ?", node)])]
+                for r in self._select("events", [("workflow_id = ?", workflow_id), ("node = ?", node),
+                                                 ("at >= ?", since)])]
 
     def _select(self, table: str, filters: List[Tuple[str, Any]]) -> List[sqlite3.Row]:
         """Rows of `table` matching every filter whose value is not None, oldest first."""
         given = [(clause, value) for clause, value in filters if value is not None]
         where = " AND ".join(clause for clause, _ in given) or "1=1"
-        return self.db.execute(f"SELECT * FROM {table} WHERE {where} ORDER BY id", [v for _, v in given]).fetchall()
+        with self.lock:
+            return self.db.execute(f"SELECT * FROM {table} WHERE {where} ORDER BY id",
+                                   [v for _, v in given]).fetchall()
 
 
 def _workflow(row: sqlite3.Row) -> Workflow:

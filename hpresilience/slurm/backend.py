@@ -6,11 +6,17 @@ builds against Slurm 25.11 and has no reboot call, so it cannot be the only
 path on the 22.05-24.x clusters people run today."""
 from __future__ import annotations
 
-from typing import List, Optional, Protocol, Tuple
+import os
+import signal
+import subprocess
+from typing import List, Optional, Protocol, Sequence, Tuple
 
-from .models import Job, Node
+from .errors import SlurmNotInstalled
+from .models import Job, Node, Reservation, StepResult
 from .runner import CommandRunner, Target
-from .scontrol_parse import parse_jobs, parse_nodes, parse_version
+from .scontrol_parse import parse_jobs, parse_nodes, parse_reservations, parse_version
+
+STEP_OUTPUT_LIMIT = 64 * 1024  # a check's output is a few lines; garbage is cut, not buffered
 
 
 class SlurmBackend(Protocol):
@@ -21,6 +27,11 @@ class SlurmBackend(Protocol):
     def reboot_nodes(self, nodes: str, asap: bool, next_state: Optional[str], reason: Optional[str]) -> None: ...
     def requeue_job(self, job_id: int) -> None: ...
     def update_job(self, job_id: int, fields: List[Tuple[str, str]]) -> None: ...
+    def show_reservations(self) -> List[Reservation]: ...
+    def create_reservation(self, fields: List[Tuple[str, str]]) -> None: ...
+    def update_reservation(self, name: str, fields: List[Tuple[str, str]]) -> None: ...
+    def delete_reservation(self, name: str) -> None: ...
+    def run_step(self, srun_argv: Sequence[str], timeout: float) -> StepResult: ...
 
 
 class ScontrolBackend:
@@ -63,3 +74,32 @@ class ScontrolBackend:
 
     def update_job(self, job_id: int, fields: List[Tuple[str, str]]) -> None:
         self._run("update", f"jobid={job_id}", *(f"{k}={v}" for k, v in fields), target=Target(job=str(job_id)))
+
+    def show_reservations(self) -> List[Reservation]:
+        return parse_reservations(self._run("-o", "show", "reservation"))
+
+    def create_reservation(self, fields: List[Tuple[str, str]]) -> None:
+        self._run("create", "reservation", *(f"{k}={v}" for k, v in fields))
+
+    def update_reservation(self, name: str, fields: List[Tuple[str, str]]) -> None:
+        self._run("update", f"reservationname={name}", *(f"{k}={v}" for k, v in fields))
+
+    def delete_reservation(self, name: str) -> None:
+        self._run("delete", f"reservationname={name}")
+
+    def run_step(self, srun_argv: Sequence[str], timeout: float) -> StepResult:
+        """Run srun to completion or `timeout`; on timeout the whole process group
+        (srun and what it started locally) is killed, and Slurm ends the step."""
+        try:
+            proc = subprocess.Popen(list(srun_argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, env=self.runner.env)
+        except FileNotFoundError as e:
+            raise SlurmNotInstalled(srun_argv[0]) from e
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+            returncode: Optional[int] = proc.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            returncode = None
+        return StepResult(returncode, out[-STEP_OUTPUT_LIMIT:].decode("utf-8", "replace"))

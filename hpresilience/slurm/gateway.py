@@ -10,14 +10,15 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
-from typing import Dict, List, Optional, Tuple, Union
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import structlog
 
 from .backend import ScontrolBackend, SlurmBackend
-from .errors import JobNotFound, NodeNotFound, SlurmError
+from .errors import JobNotFound, NodeNotFound, SlurmCommandError, SlurmError
 from .hostlist import Nodes, expand, fold
-from .models import Job, Node
+from .models import Job, Node, Reservation, StepResult
 from .reason import ActionReason, is_ours, sanitize_reason
 
 log = structlog.get_logger(__name__)
@@ -33,6 +34,8 @@ class NodeState(str, enum.Enum):
     DRAIN = "DRAIN"
     DOWN = "DOWN"
     RESUME = "RESUME"
+    POWER_DOWN_FORCE = "POWER_DOWN_FORCE"   # power saving: off now, jobs killed (cloud replace)
+    POWER_UP = "POWER_UP"
 
 
 class ReasonNotOurs(SlurmError):
@@ -168,3 +171,49 @@ class SlurmGateway:
         self.backend.update_job(int(job_id), fields)
         log.info("slurm.update_job", job=int(job_id), fields=dict(fields))
 
+
+    # ------------------------------------------------------------ reservations
+    def reservations(self) -> List[Reservation]:
+        return self.backend.show_reservations()
+
+    def reservation(self, name: str) -> Optional[Reservation]:
+        return next((r for r in self.reservations() if r.name == name), None)
+
+    def create_reservation(self, name: str, nodes: Nodes, users: Sequence[str], minutes: Optional[int],
+                           flags: Sequence[str] = ("MAINT", "IGNORE_JOBS")) -> None:
+        """A reservation starting now; minutes=None lasts until deleted."""
+        self.backend.create_reservation([
+            ("ReservationName", name), ("Nodes", fold(nodes)), ("StartTime", "now"),
+            ("Duration", "UNLIMITED" if minutes is None else str(int(minutes))),
+            ("Users", ",".join(users)), ("Flags", ",".join(flags))])
+        log.info("slurm.reservation_created", name=name, nodes=fold(nodes), minutes=minutes)
+
+    def set_reservation_nodes(self, name: str, nodes: Nodes) -> None:
+        self.backend.update_reservation(name, [("Nodes", fold(nodes))])
+        log.info("slurm.reservation_updated", name=name, nodes=fold(nodes))
+
+    def delete_reservation(self, name: str) -> bool:
+        """Delete; False when there was no such reservation (idempotent)."""
+        try:
+            self.backend.delete_reservation(name)
+        except SlurmCommandError as e:
+            if "invalid reservation name" in e.stderr.lower() or self.reservation(name) is None:
+                return False
+            raise
+        log.info("slurm.reservation_deleted", name=name)
+        return True
+
+    # -------------------------------------------------------------- job steps
+    def run_on_node(self, node: str, argv: Sequence[str], timeout: float, reservation: Optional[str] = None,
+                    srun: Sequence[str] = ("srun",), job_name: str = "hpr-verify") -> StepResult:
+        """Run `argv` on `node` as a one-task job step (srun -w NODE), killed at `timeout`."""
+        if len(expand(node)) != 1:
+            raise NodeNotFound(node, ["srun", "-w", node], "expected exactly one node")
+        if not argv or argv[0].startswith("-"):
+            raise ValueError(f"not a command: {list(argv)!r}")
+        minutes = max(1, math.ceil(timeout / 60))
+        options = [f"--reservation={reservation}"] if reservation else []
+        options += ["-w", node, "-N1", "-n1", f"--time={minutes}", f"--job-name={job_name}"]
+        result = self.backend.run_step([*srun, *options, *argv], timeout)
+        log.info("slurm.step", node=node, argv=list(argv), returncode=result.returncode)
+        return result

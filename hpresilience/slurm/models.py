@@ -121,3 +121,25 @@ class Job:
     def is_active(self) -> bool:
         """Holds nodes: running, suspended, or being torn down."""
         return self.state in ("RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "STAGE_OUT")
+
+
+@dataclass(frozen=True)
+class Reservation:
+    name: str
+    nodes: Tuple[str, ...] = ()            # expanded
+    flags: FrozenSet[str] = frozenset()
+    users: Tuple[str, ...] = ()
+    state: str = ""                         # ACTIVE | INACTIVE
+    start_time: Optional[dt.datetime] = None
+    end_time: Optional[dt.datetime] = None
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What `srun` on one node gave back (see SlurmGateway.run_on_node)."""
+    returncode: Optional[int]              # None: killed at the timeout
+    output: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0

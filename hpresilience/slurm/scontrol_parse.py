@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 
 from .errors import ParseError
 from .hostlist import expand_or_empty
-from .models import Job, Node
+from .models import Job, Node, Reservation
 
 _KEY_RE = re.compile(r"(?:^|(?<=\s))([A-Za-z][A-Za-z0-9_:/.\-]*)=")
 _NODE_REASON_RE = re.compile(
@@ -186,3 +186,18 @@ def parse_version(text: str) -> Tuple[int, int, int]:
     if not match:
         raise ParseError("Slurm version", text)
     return int(match.group(1)), int(match.group(2)), int(match.group(3) or 0)
+
+
+def parse_reservations(text: str) -> List[Reservation]:
+    if text.strip().startswith("No reservations"):
+        return []
+    found = []
+    for r in parse_records(text):
+        flags = _opt(r.get("Flags"))
+        users = _opt(r.get("Users"))
+        found.append(Reservation(
+            name=r["ReservationName"], nodes=tuple(expand_or_empty(_opt(r.get("Nodes")))),
+            flags=frozenset(flags.split(",")) if flags else frozenset(),
+            users=tuple(users.split(",")) if users else (), state=r.get("State", ""),
+            start_time=parse_time(r.get("StartTime")), end_time=parse_time(r.get("EndTime"))))
+    return found
