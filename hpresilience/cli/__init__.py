@@ -6,6 +6,7 @@ import click
 from .. import __version__
 from ..log import configure
 from .agent_cmds import agent, check, classify
+from .controller_cmds import controller
 from .slurm_cmds import slurm
 from .status_cmds import history, status
 
@@ -20,5 +21,5 @@ def main(log_level: str, log_format: str) -> None:
     configure(level=log_level, json=log_format == "json")
 
 
-for command in (slurm, agent, check, classify, status, history):
+for command in (slurm, agent, check, classify, controller, status, history):
     main.add_command(command)

@@ -45,6 +45,7 @@ from ..slurm.gateway import NodeState
 from ..slurm.reason import Action, format_reason, parse_reason, sanitize_reason
 from .config import ControllerConfig, expand_argv
 from .journal import Journal, Workflow
+from .metrics import ControllerMetrics
 from .providers import Provider, ProviderError, ProviderInterrupted
 
 log = structlog.get_logger(__name__)
@@ -119,8 +120,10 @@ class PassReport:
 
 class Reconciler:
     def __init__(self, config: ControllerConfig, gateway: SlurmGateway, journal: Journal, provider: Provider,
-                 executor: Optional[ThreadPoolExecutor] = None, clock: Callable[[], float] = time.time):
+                 executor: Optional[ThreadPoolExecutor] = None, clock: Callable[[], float] = time.time,
+                 metrics: Optional[ControllerMetrics] = None):
         self.config = config
+        self.metrics = metrics or ControllerMetrics()
         self.gateway = gateway
         self.journal = journal
         self.provider = provider
@@ -260,6 +263,7 @@ class Reconciler:
                 action = REPLACE
                 data["escalated"] = f"flagged for reboot again {now - done[-1]:.0f}s after the last reboot"
         wf = self.journal.open_workflow(c.node.name, action, c.reason, Step.DRAIN.value, c.detected_at, data)
+        self.metrics.started.labels(wf.action).inc()
         log.info("controller.workflow_started", node=wf.node, workflow=wf.id, action=wf.action, reason=c.reason,
                  escalated=data.get("escalated"))
         return wf
@@ -483,6 +487,9 @@ class Reconciler:
                                     status=status)
         self.remediating.pop(wf.node, None)
         if done is not None:
+            self.metrics.finished.labels(done.action, status).inc()
+            if done.time_to_service is not None:
+                self.metrics.time_to_service.labels(done.action).observe(done.time_to_service)
             log.info("controller.workflow_finished", node=wf.node, workflow=wf.id, status=status, detail=detail,
                      seconds=round(done.finished_at - done.detected_at, 1) if done.finished_at else None)
 
