@@ -176,8 +176,16 @@ class Journal:
             detail = {"from": expected_step, "to": new_step, "status": status, **(data or {})}
             if action and action != row["action"]:
                 detail["action"] = action
-            self._event(workflow_id, row["node"], "step", detail)
+            if new_step == expected_step and status == ACTIVE:
+                self._event(workflow_id, row["node"], "note", {"step": new_step, **(data or {})})
+            else:
+                self._event(workflow_id, row["node"], "step", detail)
         return self.workflow(workflow_id)
+
+    def note(self, workflow_id: int, step: str, data: Dict[str, Any]) -> Optional[Workflow]:
+        """Record facts of the current step (e.g. "provider started") without moving it;
+        None when the workflow is no longer in `step`."""
+        return self.advance(workflow_id, step, step, data)
 
     def record(self, node: str, kind: str, detail: Optional[Dict[str, Any]] = None,
                workflow_id: Optional[int] = None) -> None:

@@ -96,6 +96,16 @@ def is_unresponsive(node: Node) -> bool:
     return not node.reason or is_slurm_reason(node.reason)
 
 
+def _summary(output: str) -> str:
+    r"""The check's first finding line, short enough for a Slurm reason.
+
+    >>> _summary("REBOOT XID_79 [GPU 3]: fell off the bus\nsrun: error: n3: task 0: Exited with exit code 1\n")
+    'REBOOT XID_79 [GPU 3]: fell off the bus'
+    """
+    lines = [line for line in output.splitlines() if line.strip() and not line.startswith("srun:")]
+    return sanitize_reason(lines[0] if lines else output, 120)
+
+
 def _ts(when: Optional[dt.datetime]) -> Optional[float]:
     return when.timestamp() if when is not None else None
 
@@ -371,8 +381,10 @@ class Reconciler:
         """Reboot (or power cycle) did not help: replace, same workflow."""
         log.warning("controller.escalate", node=node.name, workflow=wf.id, why=why)
         self._set_reason(node, format_reason(Action.REPLACE, why))
+        # Facts of the earlier attempt (its check, its provider notes) must not leak into this one.
         moved = self._to(wf, Step.REPLACE, {"escalated": why, "boot_before": _ts(node.boot_time),
-                                            "command_started": None, "spare": None}, action=REPLACE)
+                                            "command_started": None, "spare": None, "resumed_at": None,
+                                            "verify_attempts": 0}, action=REPLACE)
         if moved is not None:
             self.inflight[wf.node] = self.executor.submit(self._guarded, self._provider_step, moved)
 
@@ -380,7 +392,7 @@ class Reconciler:
         node = wf.node
 
         def note(facts: Dict[str, object]) -> None:
-            self.journal.advance(wf.id, wf.step, wf.step, dict(facts))
+            self.journal.note(wf.id, wf.step, dict(facts))
 
         self._reserve(node)
         facts = dict(self.journal.workflow(wf.id).data)
@@ -430,7 +442,7 @@ class Reconciler:
         if node.is_drained or node.is_down:
             # Inside our reservation nobody else can use it; the check needs it schedulable.
             self.gateway.set_state(node.name, NodeState.RESUME)
-            wf = self.journal.advance(wf.id, wf.step, wf.step, {"resumed_at": self.clock()}) or wf
+            wf = self.journal.note(wf.id, wf.step, {"resumed_at": self.clock()}) or wf
         verify = self.config.verify
         result = self.gateway.run_on_node(node.name, expand_argv(verify.command, node=node.name, reason=wf.reason,
                                                                  action=wf.action),
@@ -440,7 +452,7 @@ class Reconciler:
         if result.ok:
             self._to(wf, Step.RELEASE, {"verified_at": self.clock(), "verify_output": output})
         elif result.returncode == 1:
-            self._verification_failed(wf, self.gateway.node(node.name), f"check failed: {output}")
+            self._verification_failed(wf, self.gateway.node(node.name), f"check failed: {_summary(result.output)}")
         else:
             attempts = int(wf.data.get("verify_attempts", 0)) + 1
             log.warning("controller.verify_not_run", node=node.name, workflow=wf.id, attempt=attempts,
@@ -449,7 +461,7 @@ class Reconciler:
                 self._verification_failed(wf, self.gateway.node(node.name),
                                           f"check could not run {attempts} times: {output}")
             else:
-                self.journal.advance(wf.id, wf.step, wf.step, {"verify_attempts": attempts})
+                self.journal.note(wf.id, wf.step, {"verify_attempts": attempts})
 
     def _verification_failed(self, wf: Workflow, node: Node, why: str) -> None:
         if wf.action != REPLACE and self.provider.can_replace:
