@@ -52,12 +52,13 @@ class AgentGone(RuntimeError):
     """An agent died under the benchmark: its figures would be meaningless."""
 
 
-def run_on_cluster(name: str, nodes: int, measure: Callable[[BenchCluster], T], attempts: int = 3) -> T:
+def run_on_cluster(name: str, nodes: int, measure: Callable[[BenchCluster], T], attempts: int = 3,
+                   up_args: Sequence[str] = ("--agents",)) -> T:
     """Bring a cluster up, measure, ALWAYS tear it down; start over (up to `attempts`
     in all) when an agent died under the benchmark (the machine is shared: something
     outside the benchmark can kill it, as a testcluster bug once did)."""
     for attempt in range(1, attempts + 1):
-        cluster = BenchCluster(name, nodes)
+        cluster = BenchCluster(name, nodes, up_args)
         try:
             cluster.up()
             return measure(cluster)
@@ -71,9 +72,10 @@ def run_on_cluster(name: str, nodes: int, measure: Callable[[BenchCluster], T], 
 
 
 class BenchCluster:
-    """A test cluster with one agent per node, in a directory of its own."""
+    """A test cluster (by default with one agent per node) in a directory of its own."""
 
-    def __init__(self, name: str, nodes: int) -> None:
+    def __init__(self, name: str, nodes: int, up_args: Sequence[str] = ("--agents",)) -> None:
+        self.up_args = list(up_args)
         self.dir = Path(os.environ.get("HPR_BENCH_DIR", "/tmp")) / f"hpr-bench-{name}"
         self.nodes = [f"n{i}" for i in range(1, nodes + 1)]
         self.env = dict(os.environ, SLURM_CONF=str(self.dir / "etc" / "slurm.conf"))
@@ -83,7 +85,8 @@ class BenchCluster:
                               text=True, timeout=timeout)
 
     def up(self) -> None:
-        proc = self._testcluster("up", "--nodes", str(len(self.nodes)), "--port-base", str(PORT_BASE), "--agents")
+        proc = self._testcluster("up", "--nodes", str(len(self.nodes)), "--port-base", str(PORT_BASE), *self.up_args,
+                                 timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f"testcluster up failed:\n{proc.stdout}{proc.stderr}")
 

@@ -29,13 +29,16 @@ def controller(ctx: click.Context, config_path: Optional[Path], dry_run: bool, m
         return
     from ..controller.daemon import Controller
     config = load_config(config_path)
-    if dry_run:
-        config.controller.dry_run = True
-    if mode:
-        config.controller.mode = mode
+
+    def overrides(c) -> None:
+        if dry_run:
+            c.controller.dry_run = True
+        if mode:
+            c.controller.mode = mode
+
     configure(level=config.controller.log_level, json=True)
     try:
-        daemon = Controller(config, config_path)
+        daemon = Controller(config, config_path, overrides=overrides)
     except (sqlite3.Error, OSError) as e:
         # A damaged or unreadable journal: refuse to start (exit 2, which the unit does
         # not restart) rather than act without a record of what is in flight.

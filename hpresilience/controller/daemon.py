@@ -12,7 +12,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import structlog
 from prometheus_client import start_http_server
@@ -42,7 +42,11 @@ def controller_gateway(config: ControllerConfig) -> SlurmGateway:
 
 class Controller:
     def __init__(self, config: ControllerConfig, config_path: Optional[Path] = None,
-                 notifier: Optional[Notifier] = None):
+                 notifier: Optional[Notifier] = None, overrides: Optional[Callable[[ControllerConfig], None]] = None):
+        # `overrides` re-applies command-line options (--dry-run, --mode) to every
+        # configuration loaded, so a reload never turns a dry run into a live one.
+        self.overrides = overrides or (lambda c: None)
+        self.overrides(config)
         self.config = config
         self.config_path = config_path
         self.notifier = notifier or Notifier()
@@ -51,7 +55,7 @@ class Controller:
         self.journal = Journal(config.journal_path)
         self.lock = LeaderLock(config.lock_path)
         self.reconciler = Reconciler(config, self.gateway, self.journal, make_provider(config.provider, self.gateway),
-                                     metrics=self.metrics)
+                                     metrics=self.metrics, heartbeat=self.notifier.watchdog)
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._last: Optional[PassReport] = None
@@ -64,6 +68,7 @@ class Controller:
         a bad file keeps the running configuration."""
         try:
             config = ControllerConfig.load(self.config_path)
+            self.overrides(config)
         except ConfigError as e:
             log.error("controller.reload_failed", error=str(e), detail="keeping the running configuration")
             return False

@@ -1,9 +1,11 @@
 """At most one active controller: an exclusive lock on a file in state_dir.
 
-A second instance (a standby on the same host, or on another host when
-state_dir is on shared storage, like slurmctld's StateSaveLocation) stays
+A second instance on the same host (started by mistake, or a standby) stays
 passive: it keeps trying the lock and takes over within one poll interval
 when the active one exits or dies (the kernel drops a dead process's lock).
+The journal is SQLite in WAL mode, which needs a local filesystem: a standby
+on another host needs the state directory moved over (or replicated), not a
+network mount shared live.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ the workflow keeps the node out of service.
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import subprocess
 import threading
@@ -183,9 +184,10 @@ class SparePoolProvider:
     can_power_cycle = False
     replaces_in_place = False
 
-    def __init__(self, config: ProviderConfig, gateway: SlurmGateway):
+    def __init__(self, config: ProviderConfig, gateway: SlurmGateway, user: Optional[str] = None):
         self.reservation = config.spare_reservation
         self.gateway = gateway
+        self.user = user or pwd.getpwuid(os.geteuid()).pw_name
         self.lock = threading.Lock()  # two replacements at once never pick the same spare
 
     def pool(self) -> List[str]:
@@ -219,7 +221,7 @@ class SparePoolProvider:
     def add(self, node: str) -> None:
         found = self.gateway.reservation(self.reservation)
         if found is None:
-            self.gateway.create_reservation(self.reservation, node, users=["root"], minutes=None,
+            self.gateway.create_reservation(self.reservation, node, users=[self.user], minutes=None,
                                             flags=("MAINT", "IGNORE_JOBS"))
         elif node not in found.nodes:
             self.gateway.set_reservation_nodes(self.reservation, [*found.nodes, node])

@@ -32,6 +32,7 @@ import enum
 import math
 import os
 import pwd
+import re
 import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,8 +41,9 @@ from typing import Callable, Dict, List, Optional, Set
 
 import structlog
 
-from ..slurm import Node, SlurmError, SlurmGateway
+from ..slurm import Node, SlurmCommandError, SlurmError, SlurmGateway, SlurmUnavailable
 from ..slurm.gateway import NodeState
+from ..slurm.models import StepResult
 from ..slurm.reason import Action, format_reason, parse_reason, sanitize_reason
 from .config import ControllerConfig, expand_argv
 from .journal import Journal, Workflow
@@ -106,6 +108,23 @@ def _summary(output: str) -> str:
     return sanitize_reason(lines[0] if lines else output, 120)
 
 
+def check_verdict(result: StepResult) -> str:
+    """healthy | unhealthy | not_run. srun exits 1 for its own errors too (bad
+    partition, node gone), so "unhealthy" needs srun's word that the task itself
+    exited 1 (`hpresilience check`: 1 = findings, 2 = could not look).
+
+    >>> check_verdict(StepResult(1, "XID 79\\nsrun: error: n3: task 0: Exited with exit code 1"))
+    'unhealthy'
+    >>> check_verdict(StepResult(1, "srun: error: Unable to allocate resources: Invalid partition name specified"))
+    'not_run'
+    """
+    if result.returncode == 0:
+        return "healthy"
+    if result.returncode == 1 and re.search(r"task \d+: Exited with exit code 1\b", result.output):
+        return "unhealthy"
+    return "not_run"
+
+
 def _ts(when: Optional[dt.datetime]) -> Optional[float]:
     return when.timestamp() if when is not None else None
 
@@ -131,13 +150,17 @@ class PassReport:
 class Reconciler:
     def __init__(self, config: ControllerConfig, gateway: SlurmGateway, journal: Journal, provider: Provider,
                  executor: Optional[ThreadPoolExecutor] = None, clock: Callable[[], float] = time.time,
-                 metrics: Optional[ControllerMetrics] = None):
+                 metrics: Optional[ControllerMetrics] = None, heartbeat: Callable[[], None] = lambda: None):
         self.config = config
+        # Called between workflows: a pass of many slow Slurm calls still pings systemd's watchdog.
+        self.heartbeat = heartbeat
         self.metrics = metrics or ControllerMetrics()
         self.gateway = gateway
         self.journal = journal
         self.provider = provider
-        self.executor = executor or ThreadPoolExecutor(max_workers=config.limits.max_concurrent + 2,
+        # Threads start only when needed; the limits, not the pool, bound the work in flight
+        # (sized generously so raising max_concurrent by SIGHUP is not capped by it).
+        self.executor = executor or ThreadPoolExecutor(max_workers=max(32, 2 * config.limits.max_concurrent),
                                                        thread_name_prefix="hpr-step")
         self.clock = clock
         self.user = pwd.getpwuid(os.geteuid()).pw_name
@@ -147,7 +170,7 @@ class Reconciler:
         self.last_paused_log = 0.0
         self.partition_sizes: Dict[str, int] = {}
         self.remediating: Dict[str, Set[str]] = {}   # workflow node -> its partitions, past `drain`
-        # Fault injection for the crash test (tests/integration/test_controller_crash.py):
+        # Fault injection for the crash tests in tests/integration/test_controller.py:
         # SIGKILL ourselves at a named point, e.g. "enter:reboot" or "effect:replace".
         self.crash_at = os.environ.get("HPR_TEST_CRASH_AT", "")
 
@@ -201,6 +224,7 @@ class Reconciler:
         for wf in active.values():
             if wf.node in self.inflight:
                 continue
+            self.heartbeat()
             try:
                 self._advance(wf, by_name.get(wf.node), now, paused=breaker.tripped)
             except SlurmError as e:
@@ -357,8 +381,15 @@ class Reconciler:
         # crash: then never ask again.
         if not (node.reboot_pending or self._booted(node, wf)):
             self._reserve(node.name)
-            self.gateway.reboot(node.name, reason=self._reason(wf, Action.REBOOT), asap=True,
-                                next_state=NodeState.RESUME)
+            try:
+                self.gateway.reboot(node.name, reason=self._reason(wf, Action.REBOOT), asap=True,
+                                    next_state=NodeState.RESUME)
+            except SlurmUnavailable:
+                raise  # slurmctld away: the next pass asks again
+            except SlurmCommandError as e:
+                # Slurm refuses to reboot this node (e.g. no RebootProgram): it will not get better.
+                self._escalate_or_give_up(wf, node, f"scontrol reboot refused: {e.stderr or e}")
+                return
             self._crash_point(f"effect:{Step.REBOOT.value}")
         self._to(wf, Step.AWAIT_BOOT, {"reboot_issued_at": self.clock()})
 
@@ -372,10 +403,16 @@ class Reconciler:
         if now - wf.data.get("step_at", now) < limit:
             return
         why = f"no new boot within {limit:g}s after {'the ' + wf.action if rebooting else 'replacement'}"
-        if rebooting and self.provider.can_replace:
-            self._escalate(wf, node, why)
+        if rebooting:
+            self._escalate_or_give_up(wf, node, why)
         else:
             self._give_up(wf, node, why)
+
+    def _escalate_or_give_up(self, wf: Workflow, node: Node, why: str) -> None:
+        if self.provider.can_replace:
+            self._escalate(wf, node, why)
+        else:
+            self._give_up(wf, node, f"{why}; replacement needed but provider {self.provider.name!r} cannot replace")
 
     def _escalate(self, wf: Workflow, node: Node, why: str) -> None:
         """Reboot (or power cycle) did not help: replace, same workflow."""
@@ -428,44 +465,53 @@ class Reconciler:
         if self._foreign(wf, node):
             self._abandon_to_someone_else(wf, node)
             return
-        resumed_at = wf.data.get("resumed_at")
-        if resumed_at and node.action_reason is not None and (_ts(node.reason_time) or 0) >= resumed_at - 1:
-            # Flagged again (by the agent, or an admin) after we returned it for the check.
+        since = wf.data.get("resumed_at") or wf.data.get("booted_at")
+        if since and node.action_reason is not None and (_ts(node.reason_time) or 0) > float(since):
+            # Flagged again (by the agent, or an admin) since the new boot or since we
+            # returned it for the check: the fault is still there.
             self._verification_failed(wf, node, f"flagged again: {node.reason}")
             return
         if not self.config.verify.enabled:
             self._to(wf, Step.RELEASE, {"verified": "skipped (verify.enabled = false)"})
             return
         if not node.is_responding:
-            return  # registered but silent again: try next pass
+            # Registered, then silent again: wait, but not forever.
+            if self.clock() - wf.data.get("step_at", self.clock()) > self.config.workflow.register_timeout_seconds:
+                self._give_up(wf, node, "not responding since its new boot")
+            return
         self._reserve(node.name)
         if node.is_drained or node.is_down:
             # Inside our reservation nobody else can use it; the check needs it schedulable.
             self.gateway.set_state(node.name, NodeState.RESUME)
             wf = self.journal.note(wf.id, wf.step, {"resumed_at": self.clock()}) or wf
         verify = self.config.verify
-        result = self.gateway.run_on_node(node.name, expand_argv(verify.command, node=node.name, reason=wf.reason,
-                                                                 action=wf.action),
-                                          timeout=verify.timeout_seconds, reservation=self._reservation(node.name),
-                                          srun=verify.srun)
-        output = sanitize_reason(result.output, 400)
-        if result.ok:
-            self._to(wf, Step.RELEASE, {"verified_at": self.clock(), "verify_output": output})
-        elif result.returncode == 1:
+        argv = expand_argv(verify.command, node=node.name, reason=wf.reason, action=wf.action)
+        try:
+            result = self.gateway.run_on_node(node.name, argv, timeout=verify.timeout_seconds,
+                                              reservation=self._reservation(node.name), srun=verify.srun)
+        except SlurmError as e:  # srun missing, refused...: the check did not run
+            result = StepResult(None, str(e))
+        verdict = check_verdict(result)
+        if verdict == "healthy":
+            self._to(wf, Step.RELEASE, {"verified_at": self.clock(), "verify_output": sanitize_reason(result.output,
+                                                                                                       400)})
+        elif verdict == "unhealthy":
             self._verification_failed(wf, self.gateway.node(node.name), f"check failed: {_summary(result.output)}")
         else:
             attempts = int(wf.data.get("verify_attempts", 0)) + 1
+            output = sanitize_reason(result.output, 400)
             log.warning("controller.verify_not_run", node=node.name, workflow=wf.id, attempt=attempts,
                         returncode=result.returncode, output=output)
             if attempts >= VERIFY_ATTEMPTS:
-                self._verification_failed(wf, self.gateway.node(node.name),
-                                          f"check could not run {attempts} times: {output}")
+                # Our verification is broken (srun, the command), not necessarily the node:
+                # never escalate to a replacement on that; a human looks.
+                self._give_up(wf, self.gateway.node(node.name), f"check could not run {attempts} times: {output}")
             else:
                 self.journal.note(wf.id, wf.step, {"verify_attempts": attempts})
 
     def _verification_failed(self, wf: Workflow, node: Node, why: str) -> None:
-        if wf.action != REPLACE and self.provider.can_replace:
-            self._escalate(wf, node, f"after {wf.action}: {why}")
+        if wf.action != REPLACE:
+            self._escalate_or_give_up(wf, node, f"after {wf.action}: {why}")
         else:
             self._give_up(wf, node, f"after {wf.action}: {why}")
 

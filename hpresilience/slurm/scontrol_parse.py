@@ -22,14 +22,22 @@ from .errors import ParseError
 from .hostlist import expand_or_empty
 from .models import Job, Node, Reservation
 
-_KEY_RE = re.compile(r"(?:^|(?<=\s))([A-Za-z][A-Za-z0-9_:/.\-]*)=")
-_NODE_REASON_RE = re.compile(
-    r"(?:^|\s)Reason=(?P<text>.*)\s\[(?P<user>[^\[\]@\s]+)@(?P<time>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\]"
-)
+# Whitespace before a "Key=": where one field ends and the next begins.
+_FIELD_SPLIT_RE = re.compile(r"\s+(?=[A-Za-z][A-Za-z0-9_:/.\-]*=)")
+_KEY_RE = re.compile(r"[A-Za-z][A-Za-z0-9_:/.\-]*=")
+_REASON_STAMP_RE = re.compile(r"\s\[(?P<user>[^\[\]@\s]+)@(?P<time>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\]")
 # sinfo-style suffixes some versions print on the state word itself.
 _STATE_SUFFIX_FLAGS = {"*": "NOT_RESPONDING", "~": "POWERED_DOWN", "#": "POWERING_UP",
                        "%": "POWERING_DOWN", "!": "POWER_DOWN", "@": "REBOOT_REQUESTED", "$": "MAINTENANCE"}
 _NULLS = ("", "(null)", "None", "N/A", "Unknown", "n/a")
+
+
+def _last_stamp(line: str, start: int) -> Optional[re.Match]:
+    """The last "[user@time]" after `start`: it ends the reason, whose text may contain brackets."""
+    stamp = None
+    for stamp in _REASON_STAMP_RE.finditer(line, start):  # noqa: B007 - only the last one is wanted
+        pass
+    return stamp
 
 
 def parse_record(line: str) -> Dict[str, str]:
@@ -40,18 +48,20 @@ def parse_record(line: str) -> Dict[str, str]:
     """
     line = line.rstrip("\n")
     record: Dict[str, str] = {}
-    reason = _NODE_REASON_RE.search(line)
-    if reason and line.startswith("NodeName="):
-        record["Reason"] = reason.group("text").strip()
-        record["ReasonUser"] = reason.group("user")
-        record["ReasonTime"] = reason.group("time")
-        line = line[: reason.start()] + " " + line[reason.end():]
-    keys = list(_KEY_RE.finditer(line))
-    if not keys:
+    start = line.find(" Reason=") if line.startswith("NodeName=") else -1
+    stamp = _last_stamp(line, start) if start >= 0 else None
+    if stamp is not None:
+        record["Reason"] = line[start + len(" Reason="): stamp.start()].strip()
+        record["ReasonUser"] = stamp.group("user")
+        record["ReasonTime"] = stamp.group("time")
+        line = line[:start] + " " + line[stamp.end():]
+    line = line.strip()
+    if not _KEY_RE.match(line):
         raise ParseError("scontrol record", line)
-    for here, nxt in zip(keys, keys[1:] + [None]):
-        end = nxt.start() if nxt else len(line)
-        record.setdefault(here.group(1), line[here.end():end].strip())
+    # One C-level split per record: 10,000 nodes parse in a fraction of a second.
+    for field in _FIELD_SPLIT_RE.split(line):
+        key, _, value = field.partition("=")
+        record.setdefault(key, value.strip())
     return record
 
 
