@@ -375,3 +375,33 @@ def test_history_json_reports_time_to_service(cl, ctl):
                          capture_output=True, text=True, timeout=30)
     rows = json.loads(out.stdout)
     assert rows[-1]["status"] == "done" and 0 < rows[-1]["time_to_service_seconds"] < 30
+
+
+def test_spare_pool_swaps_in_a_spare_and_takes_the_repaired_node_back(cl, ctl):
+    gw = SlurmGateway()
+    gw.create_reservation("hpr_spares", "n4", users=["root"], minutes=None)
+    c = ctl(provider={"type": "spare-pool", "spare_reservation": "hpr_spares"}).start()
+    scontrol("update", "nodename=n3", "state=fail", "reason=Action: Replace; XID 79")
+    wf = c.wait_finished("n3")
+    assert (wf.status, wf.data.get("spare")) == ("done", "n4"), wf
+    assert gw.reservation("hpr_spares") is None, "the pool's only spare left it"
+    assert in_service("n4")
+    broken = gw.node("n3")
+    assert broken.is_drained and broken.reason.startswith("hpresilience: awaiting hardware repair, replaced by n4")
+    time.sleep(2)
+    assert len(c.workflows("n3")) == 1, "a node awaiting repair is not ours to act on again"
+    out = subprocess.run([str(HPRESILIENCE), "controller", "--config", str(c.config), "repaired", "n3"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert gw.reservation("hpr_spares").nodes == ("n3",)
+    n3 = gw.node("n3")
+    assert not n3.reason and not n3.is_drained, n3
+
+
+def test_spare_pool_with_no_spare_leaves_the_node_out(cl, ctl):
+    gw = SlurmGateway()
+    c = ctl(provider={"type": "spare-pool", "spare_reservation": "hpr_spares"}).start()
+    scontrol("update", "nodename=n2", "state=fail", "reason=Action: Replace")
+    wf = c.wait_finished("n2")
+    assert wf.status == "failed" and "does not exist" in wf.data["outcome"], wf
+    assert gw.node("n2").reason.startswith("hpresilience:")
