@@ -28,14 +28,13 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-from _bench import REPO, BenchCluster, install_sigterm_handler, print_header, rss_mb, scrape
+from _bench import BenchCluster, install_sigterm_handler, print_header, rss_mb, scrape
 
-sys.path.insert(0, str(REPO))
-from hpresilience.controller.config import ControllerConfig  # noqa: E402
-from hpresilience.controller.daemon import controller_gateway  # noqa: E402
-from hpresilience.controller.journal import Journal  # noqa: E402
-from hpresilience.controller.providers import NoProvider  # noqa: E402
-from hpresilience.controller.workflow import Reconciler  # noqa: E402
+from hpresilience.controller.config import ControllerConfig
+from hpresilience.controller.daemon import controller_gateway
+from hpresilience.controller.journal import Journal
+from hpresilience.controller.providers import NoProvider
+from hpresilience.controller.workflow import Reconciler
 
 HPRESILIENCE = Path(sys.executable).parent / "hpresilience"
 FLAGGED = 100
@@ -183,7 +182,20 @@ def main() -> int:
         finally:
             cluster.down()
     print(json.dumps(results))
-    return 0
+    top = results[str(max(sizes))]
+    goals = {f"pass at {max(sizes)} nodes < 1 s (max of 10)": top["pass_max_s"] < 1.0}
+    flagged = top.get("flagged")
+    if flagged:
+        goals["daemon RSS < 200 MB"] = flagged["peak_rss_mb"] < 200
+        goals[f"{FLAGGED} flagged: breaker tripped, nothing started while tripped"] = (
+            flagged["breaker_tripped_after_s"] is not None and flagged["workflows_opened_while_tripped"] == 0)
+        goals[f"{FLAGGED} flagged: all processed, never more than 10 at once, none twice"] = (
+            flagged["distinct_nodes"] == FLAGGED == flagged["workflows"]
+            and flagged["max_concurrent_remediations"] <= 10 and flagged["reboot_steps_per_node"] == [1]
+            and flagged["scontrol_reboots_per_node"] == [1])
+    for goal, ok in goals.items():
+        print(f"goal {goal}: {'MET' if ok else 'MISSED'}")
+    return 0 if all(goals.values()) else 1
 
 
 if __name__ == "__main__":
