@@ -6,6 +6,7 @@ import click
 from .. import __version__
 from ..log import configure
 from .agent_cmds import agent, check, classify
+from .checkpoint_cmds import checkpoint
 from .controller_cmds import controller
 from .slurm_cmds import slurm
 from .status_cmds import history, status
@@ -23,3 +24,4 @@ def main(log_level: str, log_format: str) -> None:
 
 for command in (slurm, agent, check, classify, controller, status, history):
     main.add_command(command)
+main.add_command(checkpoint)
