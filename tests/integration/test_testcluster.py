@@ -1,10 +1,12 @@
 """scripts/testcluster itself: the ground every other integration test stands on."""
+import datetime as dt
 import os
 import re
 import signal
+import subprocess
 import time
 
-from .conftest import wait_until
+from .conftest import PORT_BASE, TESTCLUSTER, own_processes, wait_until
 
 
 def test_up_gives_idle_nodes_fast(cluster, gateway):
@@ -77,3 +79,56 @@ def test_up_recovers_from_a_crashed_run(cluster, gateway):
     assert "cleaning up a previous cluster" in out.stderr and "nodes idle" in out.stdout
     assert int((cluster.dir / "ctld" / "slurmctld.pid").read_text()) != pid
     assert all(n.state == "IDLE" and not n.flags for n in gateway.nodes())
+
+
+def test_replace_gives_fresh_hardware(tc, gateway):
+    node_dir = tc.dir / "nodes" / "n3"
+    tc.tc("log", "n3", "NVRM: Xid (PCI:0000:b9:00): 79, pid=<unknown>, name=<unknown>, GPU has fallen off the bus.")
+    (node_dir / "gpus.state").write_text("gpus=7\n")
+    replacements = node_dir / "replacements.log"
+    before = len(replacements.read_text().splitlines()) if replacements.exists() else 0
+    old_boot = gateway.node("n3").boot_time
+    started = time.time()
+    out = tc.tc("replace", "n3").stdout
+    assert out.count("\n") == 1 and "n3 replaced" in out
+    # Back: registered with a new BootTime, no earlier than the call (Slurm then calls it
+    # "unexpectedly rebooted", as it would a real replacement).
+    node = gateway.node("n3")
+    assert node.is_responding and node.boot_time > old_boot
+    assert node.boot_time.timestamp() >= int(started)
+    assert (node_dir / "kern.log").read_text() == ""
+    assert (node_dir / "gpus.state").read_text() == "gpus=8\n"
+    lines = replacements.read_text().splitlines()
+    assert len(lines) == before + 1 and dt.datetime.fromisoformat(lines[-1])
+    assert tc.tc("exec", "n3", "--", "hostname").stdout.strip() == "n3"
+
+
+def test_replace_unknown_node_is_a_clear_error(cluster):
+    proc = cluster.tc("replace", "n99", check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "unknown node 'n99'" in proc.stderr
+
+
+def test_extra_nodes_are_configured_but_never_register(tmp_path):
+    """`up --extra-nodes N` (scale tests): N more nodes in slurm.conf, powered-down CLOUD
+    nodes so slurmctld never pings them; `up` waits for the real nodes only."""
+    directory = tmp_path / "extra"
+
+    def tc(*args: str) -> str:
+        return subprocess.run([str(TESTCLUSTER), "--dir", str(directory), *args], capture_output=True,
+                              text=True, timeout=120, check=True).stdout
+
+    try:
+        out = tc("up", "--nodes", "2", "--extra-nodes", "50", "--port-base", str(PORT_BASE + 200))
+        assert "2 nodes idle (+50 configured only)" in out
+        env = dict(os.environ, SLURM_CONF=str(directory / "etc" / "slurm.conf"))
+        lines = subprocess.run(["scontrol", "-o", "show", "node"], env=env, capture_output=True, text=True,
+                               timeout=30, check=True).stdout.splitlines()
+        states = {re.search(r"NodeName=(\S+)", line).group(1): re.search(r" State=(\S+)", line).group(1)
+                  for line in lines}
+        assert len(states) == 52 and states["n1"] == states["n2"] == "IDLE"
+        assert {states[f"e{i}"] for i in range(1, 51)} == {"IDLE+CLOUD+POWERED_DOWN"}
+        assert all("Partitions=train" in line for line in lines)
+        assert "e[1-50]" in tc("status")
+    finally:
+        subprocess.run([str(TESTCLUSTER), "--dir", str(directory), "down"], capture_output=True, timeout=120)
+    assert not own_processes(directory)
