@@ -6,6 +6,7 @@ import click
 from .. import __version__
 from ..log import configure
 from .agent_cmds import agent, check, classify
+from .autoresume_cmds import nodes, srun_shim
 from .checkpoint_cmds import checkpoint
 from .controller_cmds import controller
 from .slurm_cmds import slurm
@@ -22,6 +23,5 @@ def main(log_level: str, log_format: str) -> None:
     configure(level=log_level, json=log_format == "json")
 
 
-for command in (slurm, agent, check, classify, controller, status, history):
+for command in (slurm, agent, check, classify, controller, status, history, checkpoint, nodes, srun_shim):
     main.add_command(command)
-main.add_command(checkpoint)

@@ -11,10 +11,10 @@ import signal
 import subprocess
 from typing import List, Optional, Protocol, Sequence, Tuple
 
-from .errors import SlurmNotInstalled
-from .models import Job, Node, Reservation, StepResult
+from .errors import SlurmCommandError, SlurmNotInstalled
+from .models import Job, Node, Reservation, Step, StepResult
 from .runner import CommandRunner, Target
-from .scontrol_parse import parse_jobs, parse_nodes, parse_reservations, parse_version
+from .scontrol_parse import parse_jobs, parse_nodes, parse_reservations, parse_steps, parse_version
 
 STEP_OUTPUT_LIMIT = 64 * 1024  # a check's output is a few lines; garbage is cut, not buffered
 
@@ -32,6 +32,8 @@ class SlurmBackend(Protocol):
     def update_reservation(self, name: str, fields: List[Tuple[str, str]]) -> None: ...
     def delete_reservation(self, name: str) -> None: ...
     def run_step(self, srun_argv: Sequence[str], timeout: float) -> StepResult: ...
+    def show_steps(self, job_id: int) -> List[Step]: ...
+    def signal_step(self, step_id: str, signal_name: str) -> None: ...
 
 
 class ScontrolBackend:
@@ -103,3 +105,14 @@ class ScontrolBackend:
             out, _ = proc.communicate()
             returncode = None
         return StepResult(returncode, out[-STEP_OUTPUT_LIMIT:].decode("utf-8", "replace"))
+
+    def show_steps(self, job_id: int) -> List[Step]:
+        try:
+            return parse_steps(self._run("-o", "show", "step", str(job_id), target=Target(job=str(job_id))))
+        except SlurmCommandError as e:
+            if "not found" in e.stderr.lower():  # "Job step 12. not found": none (left)
+                return []
+            raise
+
+    def signal_step(self, step_id: str, signal_name: str) -> None:
+        self.runner.run(["scancel", f"--signal={signal_name}", step_id], Target(job=step_id))

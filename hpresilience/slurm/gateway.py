@@ -18,7 +18,7 @@ import structlog
 from .backend import ScontrolBackend, SlurmBackend
 from .errors import JobNotFound, NodeNotFound, SlurmCommandError, SlurmError
 from .hostlist import Nodes, expand, fold
-from .models import Job, Node, Reservation, StepResult
+from .models import Job, Node, Reservation, Step, StepResult
 from .reason import ActionReason, is_ours, sanitize_reason
 
 log = structlog.get_logger(__name__)
@@ -151,12 +151,21 @@ class SlurmGateway:
         self.backend.reboot_nodes(nodelist, asap, next_state.value if next_state else None, reason)
         log.info("slurm.reboot", nodes=nodelist, asap=asap, next_state=next_state, reason=reason)
 
+    def steps(self, job_id: int) -> List[Step]:
+        return self.backend.show_steps(int(job_id))
+
+    def signal_step(self, step_id: str, signal_name: str = "KILL") -> None:
+        """`scancel --signal=NAME JOB.STEP` (for a step whose srun no longer answers)."""
+        self.backend.signal_step(step_id, signal_name)
+        log.info("slurm.signal_step", step=step_id, signal=signal_name)
+
     def requeue(self, job_id: int) -> None:
         self.backend.requeue_job(int(job_id))
         log.info("slurm.requeue", job=int(job_id))
 
     def update_job(self, job_id: int, nodelist: Optional[Nodes] = None,
-                   start_time: Optional[dt.datetime] = None, now: bool = False) -> None:
+                   start_time: Optional[dt.datetime] = None, now: bool = False,
+                   comment: Optional[str] = None) -> None:
         """Shrink a running job to `nodelist`, or move its StartTime (now=True
         makes a requeued job eligible at once instead of after ~121 s)."""
         fields: List[Tuple[str, str]] = []
@@ -166,8 +175,10 @@ class SlurmGateway:
             fields.append(("StartTime", "now"))
         elif start_time is not None:
             fields.append(("StartTime", start_time.astimezone().strftime("%Y-%m-%dT%H:%M:%S")))
+        if comment is not None:
+            fields.append(("Comment", sanitize_reason(comment)))
         if not fields:
-            raise ValueError("update_job needs nodelist, start_time or now")
+            raise ValueError("update_job needs nodelist, start_time, now or comment")
         self.backend.update_job(int(job_id), fields)
         log.info("slurm.update_job", job=int(job_id), fields=dict(fields))
 

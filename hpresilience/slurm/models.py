@@ -143,3 +143,12 @@ class StepResult:
     @property
     def ok(self) -> bool:
         return self.returncode == 0
+
+
+@dataclass(frozen=True)
+class Step:
+    """A job step (`scontrol -o show step`): "123.0", "123.batch", ..."""
+    step_id: str
+    state: str
+    nodes: Tuple[str, ...] = ()
+    name: str = ""

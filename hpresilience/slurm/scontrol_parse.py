@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 
 from .errors import ParseError
 from .hostlist import expand_or_empty
-from .models import Job, Node, Reservation
+from .models import Job, Node, Reservation, Step
 
 # Whitespace before a "Key=": where one field ends and the next begins.
 _FIELD_SPLIT_RE = re.compile(r"\s+(?=[A-Za-z][A-Za-z0-9_:/.\-]*=)")
@@ -211,3 +211,10 @@ def parse_reservations(text: str) -> List[Reservation]:
             users=tuple(users.split(",")) if users else (), state=r.get("State", ""),
             start_time=parse_time(r.get("StartTime")), end_time=parse_time(r.get("EndTime"))))
     return found
+
+
+def parse_steps(text: str) -> List[Step]:
+    if not text.strip() or text.strip().startswith("No job steps"):
+        return []
+    return [Step(step_id=r["StepId"], state=r.get("State", ""), nodes=tuple(expand_or_empty(_opt(r.get("NodeList")))),
+                 name=r.get("Name", "")) for r in parse_records(text) if "StepId" in r]

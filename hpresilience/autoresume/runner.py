@@ -1,0 +1,313 @@
+"""`srun --auto-resume`: run the step, watch its nodes in Slurm, and when one
+fails stop the step and run it again on healthy nodes (in the allocation) or
+requeue the job (a fresh allocation), up to max_attempts in all.
+
+A failed step is retried only when a node of it is bad in Slurm's eyes
+(FAIL/DRAIN/DOWN/NOT_RESPONDING or an `Action:` reason): a step that failed on
+healthy nodes is the application's error and its exit status is passed on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Dict, List, Mapping, Optional, Set
+
+from ..checkpoint import CheckpointDir
+from ..slurm import SlurmError, SlurmGateway
+from ..slurm.hostlist import fold
+from .allocation import Allocation, step_env, why_bad
+from .settings import AutoResumeSettings, state_dir
+from .srun_args import SrunCommand
+from .state import AttemptState
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+                     signal.SIGCONT, signal.SIGTSTP)
+# srun's words when the step died with a node rather than with the program: Slurm may
+# take a few seconds more to show the node as bad, so these make the runner wait for it.
+NODE_FAILURE_HINTS = re.compile(
+    r"node failure|node_fail|lost connection|communication connection failure|connection refused|"
+    r"task launch for .* failed|unable to create step|step .* (aborted|cancelled)|due to node failure|"
+    r"error: .*: task \d+: (killed|terminated)", re.IGNORECASE)
+# Requeue path: the job's Comment carries this so `hpresilience controller` makes the
+# requeued job eligible at once instead of after Slurm's ~121 s (before 25.11).
+EXPEDITE_MARK = "hpr-expedite"
+
+
+class AutoResumeError(Exception):
+    """A condition the user must fix (not inside an allocation, job not exclusive...)."""
+
+
+@dataclass
+class StepOutcome:
+    returncode: int
+    stopped_for: Dict[str, str] = field(default_factory=dict)   # nodes we stopped the step for
+    hint: bool = False                                            # srun said something node-like
+    signalled: bool = False                                       # we were told to stop (scancel, timeout)
+    nodes: List[str] = field(default_factory=list)
+
+
+class Reporter:
+    """Human lines on stderr prefixed [auto-resume]; one JSON event per decision in a file."""
+
+    def __init__(self, events: Optional[Path], err: IO[str] = sys.stderr):
+        self.events = events
+        self.err = err
+
+    def say(self, text: str) -> None:
+        print(f"[auto-resume] {text}", file=self.err, flush=True)
+
+    def event(self, kind: str, **detail: object) -> None:
+        if self.events is None:
+            return
+        self.events.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.events, "a") as f:
+            f.write(json.dumps({"at": round(time.time(), 3), "event": kind, **detail}, default=str) + "\n")
+
+
+class Runner:
+    def __init__(self, cmd: SrunCommand, settings: AutoResumeSettings, real_srun: str,
+                 gateway: Optional[SlurmGateway] = None, env: Optional[Mapping[str, str]] = None,
+                 err: IO[str] = sys.stderr):
+        self.cmd = cmd
+        self.settings = settings
+        self.real_srun = real_srun
+        self.gateway = gateway or SlurmGateway()
+        self.env = dict(os.environ if env is None else env)
+        self.stop_requested: Optional[int] = None
+        job = self.env.get("SLURM_JOB_ID")
+        if not job:
+            raise AutoResumeError("--auto-resume works inside an allocation (an sbatch script or salloc): "
+                                  "SLURM_JOB_ID is not set")
+        self.job_id = int(job)
+        self.dir = state_dir(settings, self.env)
+        self.report = Reporter(self.dir / f"auto-resume-{self.job_id}.events.jsonl", err)
+
+    # ----------------------------------------------------------------- checks
+    def _check_job(self, alloc: Allocation) -> None:
+        if not alloc.job.exclusive:
+            raise AutoResumeError(f"job {self.job_id} is not exclusive: --auto-resume needs whole nodes "
+                                  "(add `#SBATCH --exclusive` to the script, or `--exclusive` to sbatch)")
+        if not alloc.nodes:
+            raise AutoResumeError(f"job {self.job_id} has no nodes in Slurm (has it ended?)")
+
+    def _wanted(self, alloc: Allocation) -> int:
+        return self.cmd.nodes or len(alloc.nodes)
+
+    def _checkpoint_step(self) -> Optional[int]:
+        if not self.settings.checkpoint_dir:
+            return None
+        latest = CheckpointDir(Path(self.settings.checkpoint_dir), keep=None,
+                               prefix=self.settings.checkpoint_prefix).latest()
+        return latest.step if latest else None
+
+    # -------------------------------------------------------------------- run
+    def run(self) -> int:
+        alloc = Allocation.read(self.gateway, self.job_id)
+        self._check_job(alloc)
+        state = AttemptState.load(self.dir, self.job_id)
+        restarts = int(self.env.get("SLURM_RESTART_COUNT") or 0)
+        if restarts > state.requeues:
+            state.requeues = restarts
+            state.note("requeued", restart_count=restarts)
+        maximum = self.settings.max_attempts
+        while True:
+            if state.attempts >= maximum:
+                self.report.say(f"attempts used up ({state.attempts} of {maximum}); not starting another")
+                self.report.event("gave_up", reason="attempts used up", attempts=state.attempts)
+                return 1
+            alloc = Allocation.read(self.gateway, self.job_id)
+            healthy = alloc.healthy
+            wanted = self._wanted(alloc)
+            if len(healthy) < wanted:
+                outcome_path = self._requeue(alloc, state, f"only {len(healthy)} healthy nodes for a {wanted}-node "
+                                                           "step")
+                return outcome_path
+            nodes = self._choose(healthy, wanted)
+            state.attempts += 1
+            state.last_checkpoint_step = self._checkpoint_step()
+            state.note("attempt", attempt=state.attempts, nodes=fold(nodes), checkpoint=state.last_checkpoint_step)
+            state.save(self.dir)
+            env = dict(self.env)
+            env.update(self._resized_env(alloc, nodes))
+            env.update(step_env(alloc, nodes, state.attempts, maximum,
+                                int(self.env.get("MASTER_PORT") or self.settings.master_port + state.attempts - 1)))
+            self.report.say(f"attempt {state.attempts} of {maximum} on {fold(nodes)} "
+                            f"(MASTER_ADDR={env['MASTER_ADDR']} MASTER_PORT={env['MASTER_PORT']})")
+            self.report.event("attempt_started", attempt=state.attempts, nodes=fold(nodes),
+                              master_addr=env["MASTER_ADDR"], checkpoint=state.last_checkpoint_step)
+            outcome = self._run_step(self.cmd.argv(nodes), env, nodes)
+            if outcome.returncode == 0:
+                self.report.event("step_succeeded", attempt=state.attempts)
+                state.note("succeeded", attempt=state.attempts)
+                state.save(self.dir)
+                return 0
+            if outcome.signalled:
+                self.report.say(f"stopped by signal; exit {outcome.returncode}, not retried")
+                self.report.event("stopped", returncode=outcome.returncode)
+                return outcome.returncode
+            bad = self._attribute(outcome, nodes)
+            if not bad:
+                self.report.say(f"the step failed with exit {outcome.returncode} on healthy nodes "
+                                f"({fold(nodes)}): an application error, not retried")
+                self.report.event("application_error", returncode=outcome.returncode, nodes=fold(nodes))
+                return outcome.returncode
+            self.report.say("node failure: " + "; ".join(f"{n}: {why}" for n, why in sorted(bad.items())))
+            self.report.event("node_failure", nodes=sorted(bad), why=bad, returncode=outcome.returncode)
+            if self._no_progress(state):
+                return outcome.returncode
+            if state.attempts >= maximum:
+                self.report.say(f"attempts used up ({state.attempts} of {maximum}); exit {outcome.returncode}")
+                self.report.event("gave_up", reason="attempts used up", attempts=state.attempts)
+                return outcome.returncode
+            alloc = Allocation.read(self.gateway, self.job_id)
+            keep = [n for n in alloc.healthy if n not in bad]
+            drop = [n.name for n in alloc.nodes if n.name not in keep]
+            in_place = (len(keep) >= wanted and alloc.job.batch_host in keep and not alloc.job.gres)
+            if not in_place:
+                why = ("the batch host failed" if alloc.job.batch_host not in keep else
+                       "GRES jobs cannot be shrunk" if alloc.job.gres else
+                       f"{len(keep)} healthy nodes left, the step needs {wanted}")
+                return self._requeue(alloc, state, why)
+            self.gateway.update_job(self.job_id, nodelist=keep)
+            self.report.say(f"dropped {fold(drop)} from job {self.job_id} (the controller can repair them); "
+                            f"new node list {fold(keep)}")
+            self.report.event("nodes_released", dropped=fold(drop), nodelist=fold(keep))
+
+    def _choose(self, healthy: List[str], wanted: int) -> List[str]:
+        """The user's -w nodes first while healthy, then other healthy nodes, in job order."""
+        from ..slurm.hostlist import expand
+        asked = self.cmd.value("-w", "--nodelist")
+        first = [n for n in (expand(asked) if asked and not asked.startswith("/") else []) if n in healthy]
+        return (first + [n for n in healthy if n not in first])[:wanted]
+
+    def _resized_env(self, alloc: Allocation, nodes: List[str]) -> Dict[str, str]:
+        """After `scontrol update NodeList=`, the batch script's SLURM_* describe the old
+        allocation (Slurm's resize script would fix them): srun reads them, so do it here."""
+        current = fold([n.name for n in alloc.nodes])
+        return {"SLURM_JOB_NODELIST": current, "SLURM_NODELIST": current,
+                "SLURM_JOB_NUM_NODES": str(len(alloc.nodes)), "SLURM_NNODES": str(len(alloc.nodes))}
+
+    # --------------------------------------------------------------- the step
+    def _run_step(self, argv: List[str], env: Dict[str, str], nodes: List[str]) -> StepOutcome:
+        outcome = StepOutcome(returncode=1, nodes=nodes)
+        before = self._step_ids()
+        proc = subprocess.Popen([self.real_srun, *argv], env=env, stderr=subprocess.PIPE)
+        previous = {s: signal.signal(s, lambda signum, _f: self._forward(proc, signum, outcome))
+                    for s in FORWARDED_SIGNALS}
+        reader = threading.Thread(target=self._copy_stderr, args=(proc, outcome), daemon=True)
+        reader.start()
+        try:
+            stop_sent: Optional[float] = None
+            while True:
+                try:
+                    proc.wait(timeout=self.settings.poll_seconds)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if stop_sent is not None:
+                    if time.monotonic() - stop_sent > self.settings.stop_grace_seconds:
+                        self._kill_step(proc, before)
+                        stop_sent = float("inf")
+                    continue
+                bad = self._bad_now(nodes)
+                if bad:
+                    outcome.stopped_for = bad
+                    self.report.say("stopping the step: " + "; ".join(f"{n}: {w}" for n, w in sorted(bad.items())))
+                    self.report.event("step_stopping", nodes=sorted(bad), why=bad)
+                    proc.send_signal(signal.SIGTERM)
+                    stop_sent = time.monotonic()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            reader.join(timeout=5)
+        code = proc.returncode
+        outcome.returncode = code if code >= 0 else 128 - code
+        return outcome
+
+    def _forward(self, proc: subprocess.Popen, signum: int, outcome: StepOutcome) -> None:
+        if signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            outcome.signalled = True
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    def _copy_stderr(self, proc: subprocess.Popen, outcome: StepOutcome) -> None:
+        out = sys.stderr.buffer
+        assert proc.stderr is not None
+        for line in iter(proc.stderr.readline, b""):
+            out.write(line)
+            out.flush()
+            if NODE_FAILURE_HINTS.search(line.decode("utf-8", "replace")):
+                outcome.hint = True
+
+    def _step_ids(self) -> Set[str]:
+        try:
+            return {s.step_id for s in self.gateway.steps(self.job_id)}
+        except SlurmError:
+            return set()
+
+    def _kill_step(self, proc: subprocess.Popen, before: Set[str]) -> None:
+        """srun did not end within the grace: kill it, and have Slurm kill what it started."""
+        proc.kill()
+        for step in self._step_ids() - before:
+            if not step.endswith((".batch", ".extern")):
+                try:
+                    self.gateway.signal_step(step, "KILL")
+                except SlurmError as e:
+                    self.report.say(f"could not kill step {step}: {e}")
+
+    def _bad_now(self, nodes: List[str]) -> Dict[str, str]:
+        try:
+            return {n.name: why for n in self.gateway.nodes(nodes) if (why := why_bad(n)) is not None}
+        except SlurmError:
+            return {}  # slurmctld away for a moment: the step keeps running; look again next poll
+
+    def _attribute(self, outcome: StepOutcome, nodes: List[str]) -> Dict[str, str]:
+        """Bad nodes of the step, waiting a while for Slurm to see a failure srun hinted at."""
+        if outcome.stopped_for:
+            return outcome.stopped_for
+        bad = self._bad_now(nodes)
+        deadline = time.monotonic() + (self.settings.failure_wait_seconds if outcome.hint else 0)
+        while not bad and time.monotonic() < deadline:
+            time.sleep(self.settings.poll_seconds)
+            bad = self._bad_now(nodes)
+        return bad
+
+    def _no_progress(self, state: AttemptState) -> bool:
+        if state.attempts < 2 or state.last_checkpoint_step is None and not self.settings.checkpoint_dir:
+            return False
+        now = self._checkpoint_step()
+        if now is not None and (state.last_checkpoint_step is None or now > state.last_checkpoint_step):
+            return False
+        self.report.say(f"no progress: the newest checkpoint in {self.settings.checkpoint_dir} is still "
+                        f"{now} as when attempt {state.attempts} started; not retrying")
+        self.report.event("gave_up", reason="no progress", checkpoint=now)
+        return True
+
+    # ----------------------------------------------------------------- requeue
+    def _requeue(self, alloc: Allocation, state: AttemptState, why: str) -> int:
+        if not alloc.job.requeue:
+            self.report.say(f"cannot continue in this allocation ({why}) and job {self.job_id} is not "
+                            "requeueable: submit it with --requeue (slurm_plugins/job_submit.lua does this)")
+            self.report.event("gave_up", reason="not requeueable", why=why)
+            return 1
+        state.note("requeue", why=why, attempt=state.attempts)
+        state.save(self.dir)
+        self.report.say(f"requeueing job {self.job_id}: {why}; the job restarts on a fresh allocation "
+                        f"and continues at attempt {state.attempts + 1} of {self.settings.max_attempts}")
+        self.report.event("requeue", why=why, attempt=state.attempts)
+        comment = alloc.job.extra.get("Comment") or ""
+        if EXPEDITE_MARK not in comment:
+            self.gateway.update_job(self.job_id, comment=f"{EXPEDITE_MARK} {comment}".strip())
+        self.gateway.requeue(self.job_id)
+        # Slurm now kills this batch script, and us with it; nothing is left to race.
+        time.sleep(120)
+        self.report.say("still running 120 s after the requeue; giving up")
+        return 1
