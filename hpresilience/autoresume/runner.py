@@ -23,6 +23,7 @@ from typing import IO, Dict, List, Mapping, Optional, Set
 from ..checkpoint import CheckpointDir
 from ..slurm import SlurmError, SlurmGateway
 from ..slurm.hostlist import fold
+from ..slurm.reason import EXPEDITE_MARK
 from .allocation import Allocation, step_env, why_bad
 from .settings import AutoResumeSettings, state_dir
 from .srun_args import SrunCommand
@@ -36,9 +37,6 @@ NODE_FAILURE_HINTS = re.compile(
     r"node failure|node_fail|lost connection|communication connection failure|connection refused|"
     r"task launch for .* failed|unable to create step|step .* (aborted|cancelled)|due to node failure|"
     r"error: .*: task \d+: (killed|terminated)", re.IGNORECASE)
-# Requeue path: the job's Comment carries this so `hpresilience controller` makes the
-# requeued job eligible at once instead of after Slurm's ~121 s (before 25.11).
-EXPEDITE_MARK = "hpr-expedite"
 
 
 class AutoResumeError(Exception):

@@ -44,7 +44,7 @@ import structlog
 from ..slurm import Node, SlurmCommandError, SlurmError, SlurmGateway, SlurmUnavailable
 from ..slurm.gateway import NodeState
 from ..slurm.models import StepResult
-from ..slurm.reason import Action, format_reason, parse_reason, sanitize_reason
+from ..slurm.reason import EXPEDITE_MARK, Action, format_reason, parse_reason, sanitize_reason
 from .config import ControllerConfig, expand_argv
 from .journal import Journal, Workflow
 from .metrics import ControllerMetrics
@@ -214,6 +214,7 @@ class Reconciler:
             report.active = len(active)
             report.seconds = time.monotonic() - started
             return report
+        self._expedite_requeued()
         if not breaker.tripped:
             for c in candidates:
                 wf = self._open(c, now)
@@ -233,6 +234,26 @@ class Reconciler:
         report.active = len(self.journal.active())
         report.seconds = time.monotonic() - started
         return report
+
+    def _expedite_requeued(self) -> None:
+        """`srun --auto-resume` requeued a job and marked its Comment: make it eligible
+        now rather than after Slurm's requeue delay (~121 s before 25.11). The auto-resume
+        runner cannot do it itself: the requeue kills it."""
+        try:
+            pending = self.gateway.pending_jobs()
+        except SlurmError as e:
+            log.warning("controller.expedite_failed", error=str(e))
+            return
+        for job in pending:
+            if EXPEDITE_MARK not in job.comment or job.reason != "BeginTime":
+                continue
+            rest = " ".join(job.comment.replace(EXPEDITE_MARK, " ").split())
+            try:
+                self.gateway.update_job(job.job_id, now=True, comment=rest)
+            except SlurmError as e:
+                log.warning("controller.expedite_failed", job=job.job_id, error=str(e))
+                continue
+            log.info("controller.expedited", job=job.job_id, detail="requeued by auto-resume; eligible now")
 
     def _reap(self) -> None:
         for node, future in list(self.inflight.items()):

@@ -12,7 +12,7 @@ import subprocess
 from typing import List, Optional, Protocol, Sequence, Tuple
 
 from .errors import SlurmCommandError, SlurmNotInstalled
-from .models import Job, Node, Reservation, Step, StepResult
+from .models import Job, Node, PendingJob, Reservation, Step, StepResult
 from .runner import CommandRunner, Target
 from .scontrol_parse import parse_jobs, parse_nodes, parse_reservations, parse_steps, parse_version
 
@@ -33,6 +33,7 @@ class SlurmBackend(Protocol):
     def delete_reservation(self, name: str) -> None: ...
     def run_step(self, srun_argv: Sequence[str], timeout: float) -> StepResult: ...
     def show_steps(self, job_id: int) -> List[Step]: ...
+    def pending_jobs(self) -> List[PendingJob]: ...
     def signal_step(self, step_id: str, signal_name: str) -> None: ...
 
 
@@ -116,3 +117,15 @@ class ScontrolBackend:
 
     def signal_step(self, step_id: str, signal_name: str) -> None:
         self.runner.run(["scancel", f"--signal={signal_name}", step_id], Target(job=step_id))
+
+    def pending_jobs(self) -> List[PendingJob]:
+        """Pending jobs in one small `squeue` read (a full `scontrol show job` of a busy
+        cluster is megabytes): id, pending reason, comment (last: it may hold anything)."""
+        out = self.runner.run(["squeue", "--noheader", "--states=PD", "--format=%i|%r|%k"], Target())
+        found = []
+        for line in out.splitlines():
+            parts = line.split("|", 2)
+            if len(parts) == 3 and parts[0].strip().isdigit():
+                comment = parts[2].strip()
+                found.append(PendingJob(int(parts[0]), parts[1].strip(), "" if comment == "(null)" else comment))
+        return found

@@ -18,7 +18,7 @@ import structlog
 from .backend import ScontrolBackend, SlurmBackend
 from .errors import JobNotFound, NodeNotFound, SlurmCommandError, SlurmError
 from .hostlist import Nodes, expand, fold
-from .models import Job, Node, Reservation, Step, StepResult
+from .models import Job, Node, PendingJob, Reservation, Step, StepResult
 from .reason import ActionReason, is_ours, sanitize_reason
 
 log = structlog.get_logger(__name__)
@@ -150,6 +150,9 @@ class SlurmGateway:
         reason = sanitize_reason(reason) if reason else None
         self.backend.reboot_nodes(nodelist, asap, next_state.value if next_state else None, reason)
         log.info("slurm.reboot", nodes=nodelist, asap=asap, next_state=next_state, reason=reason)
+
+    def pending_jobs(self) -> List[PendingJob]:
+        return self.backend.pending_jobs()
 
     def steps(self, job_id: int) -> List[Step]:
         return self.backend.show_steps(int(job_id))

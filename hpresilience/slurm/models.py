@@ -152,3 +152,10 @@ class Step:
     state: str
     nodes: Tuple[str, ...] = ()
     name: str = ""
+
+
+@dataclass(frozen=True)
+class PendingJob:
+    job_id: int
+    reason: str        # why it pends: BeginTime, Resources, Priority, ...
+    comment: str

@@ -86,3 +86,8 @@ def parse_reason(reason: Optional[str]) -> Optional[ActionReason]:
 
 def is_ours(reason: Optional[str]) -> bool:
     return parse_reason(reason) is not None
+
+
+# The other marker we put in Slurm: in a job's Comment, it asks `hpresilience controller`
+# to make the requeued job eligible at once (before 25.11 a requeued job waits ~121 s).
+EXPEDITE_MARK = "hpr-expedite"
