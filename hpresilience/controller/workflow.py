@@ -44,7 +44,7 @@ import structlog
 from ..slurm import Node, SlurmCommandError, SlurmError, SlurmGateway, SlurmUnavailable
 from ..slurm.gateway import NodeState
 from ..slurm.models import StepResult
-from ..slurm.reason import EXPEDITE_MARK, Action, format_reason, parse_reason, sanitize_reason
+from ..slurm.reason import AUTO_RESUME_MARK, EXPEDITE_MARK, Action, format_reason, parse_reason, sanitize_reason
 from .config import ControllerConfig, expand_argv
 from .journal import Journal, Workflow
 from .metrics import ControllerMetrics
@@ -236,16 +236,18 @@ class Reconciler:
         return report
 
     def _expedite_requeued(self) -> None:
-        """`srun --auto-resume` requeued a job and marked its Comment: make it eligible
-        now rather than after Slurm's requeue delay (~121 s before 25.11). The auto-resume
-        runner cannot do it itself: the requeue kills it."""
+        """`srun --auto-resume` requeued a job and marked its Comment (or Slurm requeued an
+        auto-resume job whose batch host died): make it eligible now rather than after
+        Slurm's requeue delay (~121 s before 25.11). The auto-resume runner cannot do it
+        itself: the requeue kills it."""
         try:
             pending = self.gateway.pending_jobs()
         except SlurmError as e:
             log.warning("controller.expedite_failed", error=str(e))
             return
         for job in pending:
-            if EXPEDITE_MARK not in job.comment or job.reason != "BeginTime":
+            requeued_auto_resume = AUTO_RESUME_MARK in job.comment and job.restart_count > 0
+            if job.reason != "BeginTime" or not (EXPEDITE_MARK in job.comment or requeued_auto_resume):
                 continue
             rest = " ".join(job.comment.replace(EXPEDITE_MARK, " ").split())
             try:

@@ -120,12 +120,14 @@ class ScontrolBackend:
 
     def pending_jobs(self) -> List[PendingJob]:
         """Pending jobs in one small `squeue` read (a full `scontrol show job` of a busy
-        cluster is megabytes): id, pending reason, comment (last: it may hold anything)."""
-        out = self.runner.run(["squeue", "--noheader", "--states=PD", "--format=%i|%r|%k"], Target())
+        cluster is megabytes): id, pending reason, restart count, comment (last: it may hold anything)."""
+        fields = "--Format=JobID:|,Reason:|,RestartCnt:|,Comment:"   # ":|" = no padding, "|" after each
+        out = self.runner.run(["squeue", "--noheader", "--states=PD", fields], Target())
         found = []
         for line in out.splitlines():
-            parts = line.split("|", 2)
-            if len(parts) == 3 and parts[0].strip().isdigit():
-                comment = parts[2].strip()
-                found.append(PendingJob(int(parts[0]), parts[1].strip(), "" if comment == "(null)" else comment))
+            parts = line.split("|", 3)
+            if len(parts) == 4 and parts[0].strip().isdigit():
+                comment = parts[3].strip()
+                found.append(PendingJob(int(parts[0]), parts[1].strip(), int(parts[2].strip() or 0),
+                                        "" if comment == "(null)" else comment))
         return found

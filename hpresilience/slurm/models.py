@@ -158,4 +158,5 @@ class Step:
 class PendingJob:
     job_id: int
     reason: str        # why it pends: BeginTime, Resources, Priority, ...
+    restart_count: int
     comment: str

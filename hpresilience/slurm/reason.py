@@ -88,6 +88,10 @@ def is_ours(reason: Optional[str]) -> bool:
     return parse_reason(reason) is not None
 
 
-# The other marker we put in Slurm: in a job's Comment, it asks `hpresilience controller`
-# to make the requeued job eligible at once (before 25.11 a requeued job waits ~121 s).
+# Our markers in a job's Comment. EXPEDITE_MARK: auto-resume requeued the job and asks
+# `hpresilience controller` to make it eligible at once (before 25.11 a requeued job
+# waits ~121 s). AUTO_RESUME_MARK: set by slurm_plugins/job_submit.lua on jobs that use
+# `srun --auto-resume`; when such a job was requeued by Slurm itself (its batch host
+# died), the controller expedites it too.
 EXPEDITE_MARK = "hpr-expedite"
+AUTO_RESUME_MARK = "hpr-auto-resume"
