@@ -1,0 +1,157 @@
+"""srun --auto-resume end to end on the real test cluster, with an agent on every
+node and the controller: a fault line in a node's kernel log (or a dead node)
+during a training step, and the step resumes from its newest checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpresilience.slurm import SlurmGateway
+
+from .conftest import REPO, LiveCluster, own_processes, wait_until
+
+PORT_BASE = 24000
+JOBS = Path(__file__).parent / "jobs"
+XID74 = ("NVRM: Xid (PCI:0000:b9:00): 74, pid=<unknown>, name=<unknown>, NVLink: fatal error detected on link "
+         "6(0x10000, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0)")
+
+
+@pytest.fixture(scope="module")
+def ar(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("autoresume")
+    c = LiveCluster(directory, ["n1", "n2", "n3", "n4"])
+    c.tc("up", "--nodes", "4", "--port-base", str(PORT_BASE), "--agents", "--controller", timeout=300)
+    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "PATH")}
+    os.environ["SLURM_CONF"] = str(directory / "etc" / "slurm.conf")
+    os.environ["PATH"] = f"{REPO / 'scripts'}:{Path(sys.executable).parent}:{os.environ['PATH']}"
+    try:
+        yield c
+    finally:
+        down = c.tc("down", check=False)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        assert down.returncode == 0, down.stderr
+        assert not own_processes(directory)
+
+
+@pytest.fixture
+def cluster(ar):
+    yield ar
+    subprocess.run(["scancel", "--full", "--quiet", "--user=root"], timeout=30)
+    gw = SlurmGateway()
+    # Let the controller finish what it started, then put every node back.
+    wait_until(lambda: not [n for n in gw.nodes() if n.action_reason is not None], 120,
+               "the controller to finish with every flagged node", interval=1)
+    ar.reset()
+
+
+def submit(c: LiveCluster, tmp: Path, job_nodes: int, step_nodes: int, steps: int = 16, extra: str = "",
+           requeue: bool = False) -> int:
+    env = (f"ALL,STEP_NODES={step_nodes},STEPS={steps},CKPT={tmp / 'ckpt'},RESULT={tmp / 'result.json'},"
+           f"TRAINER={JOBS / 'trainer.py'},PYTHON={sys.executable},EXTRA={extra},HPR_STATE_DIR={tmp / 'state'}")
+    args = ["-N", str(job_nodes), "--exclusive", "--open-mode=append", "-o", str(tmp / "out.txt"),
+            f"--export={env}", "--comment=hpr-auto-resume"]
+    if requeue:
+        args.append("--requeue")
+    return c.sbatch(*args, str(JOBS / "train.sbatch"))
+
+
+def job_field(job_id: int, name: str) -> str:
+    return getattr(SlurmGateway().job(job_id), name)
+
+
+def wait_checkpoint(tmp: Path, step: int, timeout: float = 60) -> None:
+    from hpresilience.checkpoint import CheckpointDir
+    wait_until(lambda: (c := CheckpointDir(tmp / "ckpt").latest()) is not None and c.step >= step, timeout,
+               f"checkpoint step {step}")
+
+
+def finished(job_id: int, timeout: float = 180) -> str:
+    return wait_until(lambda: (s := job_field(job_id, "state")) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
+                                                                    "NODE_FAIL") and s, timeout,
+                      f"job {job_id} to end")
+
+
+def step_nodes_of(job_id: int) -> list:
+    steps = [s for s in SlurmGateway().steps(job_id) if s.step_id.split(".")[1].isdigit()]
+    return list(steps[-1].nodes) if steps else []
+
+
+def events(tmp: Path, job_id: int) -> list:
+    path = tmp / "state" / f"auto-resume-{job_id}.events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_in_allocation_resume_after_xid74(cluster, tmp_path):
+    job = submit(cluster, tmp_path, job_nodes=3, step_nodes=2)
+    wait_until(lambda: len(step_nodes_of(job)) == 2, 60, "the training step")
+    wait_checkpoint(tmp_path, 4)
+    batch = job_field(job, "batch_host")
+    victim = next(n for n in step_nodes_of(job) if n != batch)
+    cluster.tc("log", victim, XID74)
+    assert finished(job) == "COMPLETED", (tmp_path / "out.txt").read_text()
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["final_step"] == 16 and result["attempt"] == 2, result
+    assert victim not in result["nodelist"] and result["resumed_from"] >= 4
+    kinds = [e["event"] for e in events(tmp_path, job)]
+    assert kinds[:4] == ["attempt_started", "step_stopping", "node_failure", "nodes_released"], kinds
+    assert victim not in SlurmGateway().job(job).nodes
+    # The controller repairs the node the job let go of (XID 74 → Replace).
+    wait_until(lambda: not SlurmGateway().node(victim).reason, 90, f"{victim} repaired")
+
+
+def test_requeue_resume_after_xid74(cluster, tmp_path):
+    job = submit(cluster, tmp_path, job_nodes=2, step_nodes=2, requeue=True)
+    wait_until(lambda: len(step_nodes_of(job)) == 2, 60, "the training step")
+    wait_checkpoint(tmp_path, 4)
+    first = list(SlurmGateway().job(job).nodes)
+    victim = next(n for n in first if n != job_field(job, "batch_host"))
+    cluster.tc("log", victim, XID74)
+    assert finished(job) == "COMPLETED", (tmp_path / "out.txt").read_text()
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["final_step"] == 16 and result["restart_count"] == 1 and result["attempt"] == 2, result
+    assert victim not in result["nodelist"] and result["resumed_from"] >= 4
+    assert "requeue" in [e["event"] for e in events(tmp_path, job)]
+
+
+@pytest.mark.parametrize("which", ["step node", "batch host"])
+def test_dead_host_job_still_completes(cluster, tmp_path, which):
+    job = submit(cluster, tmp_path, job_nodes=3 if which == "step node" else 2, step_nodes=2, steps=30,
+                 requeue=True)
+    wait_until(lambda: len(step_nodes_of(job)) == 2, 60, "the training step")
+    wait_checkpoint(tmp_path, 4)
+    batch = job_field(job, "batch_host")
+    victim = batch if which == "batch host" else next(n for n in step_nodes_of(job) if n != batch)
+    cluster.tc("kill", victim)
+    assert finished(job, timeout=240) == "COMPLETED", (tmp_path / "out.txt").read_text()
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["final_step"] == 30 and victim not in result["nodelist"] and result["resumed_from"] >= 4, result
+
+
+def test_application_error_is_not_retried(cluster, tmp_path):
+    job = submit(cluster, tmp_path, job_nodes=2, step_nodes=2, extra="--fail-at=3")
+    assert finished(job) == "FAILED"
+    assert SlurmGateway().job(job).extra.get("ExitCode", "").startswith("3:")
+    out = (tmp_path / "out.txt").read_text()
+    assert "application error, not retried" in out and "srun exit 3" in out
+    assert [e["event"] for e in events(tmp_path, job)] == ["attempt_started", "application_error"]
+
+
+def test_not_exclusive_and_outside_allocation_are_refused(cluster, tmp_path):
+    out = subprocess.run(["srun", "--auto-resume=1", "hostname"], capture_output=True, text=True, timeout=30,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_JOB")})
+    assert out.returncode == 2 and "inside an allocation" in out.stderr
+    bad = subprocess.run(["srun", "--auto-resume=abc", "hostname"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "--auto-resume=abc" in bad.stderr
+    # The flag hidden from job_submit.lua (which would refuse the job at submission): the runner checks too.
+    job = cluster.sbatch("-N1", "-o", str(tmp_path / "o.txt"), "--wrap", "A=--auto-resume=1; srun $A hostname")
+    finished(job)
+    assert "--exclusive" in (tmp_path / "o.txt").read_text()
