@@ -6,7 +6,7 @@ import signal
 import subprocess
 import time
 
-from .conftest import PORT_BASE, TESTCLUSTER, own_processes, wait_until
+from .conftest import PORT_BASE, REPO, TESTCLUSTER, own_processes, wait_until
 
 
 def test_up_gives_idle_nodes_fast(cluster, gateway):
@@ -18,7 +18,7 @@ def test_up_gives_idle_nodes_fast(cluster, gateway):
 
 
 def test_up_is_idempotent(cluster):
-    out = cluster.tc("up", "--nodes", str(len(cluster.nodes)), "--port-base", "27000").stdout
+    out = cluster.tc("up", "--nodes", str(len(cluster.nodes)), "--port-base", str(PORT_BASE)).stdout
     assert "already up" in out
 
 
@@ -26,6 +26,31 @@ def test_env_exports(cluster):
     out = cluster.tc("env").stdout
     assert f"export SLURM_CONF={cluster.dir}/etc/slurm.conf" in out
     assert f"export HPR_TESTCLUSTER_DIR={cluster.dir}" in out
+
+
+def test_env_puts_the_srun_shim_first_on_path(cluster):
+    """PATH: DIR/path (srun = the shim, hpresilience) first, the venv's bin last; eval'd twice,
+    PATH stays the same. (That batch jobs then run the shim: test_job_submit.py.)"""
+    shell = (f'eval "$({TESTCLUSTER} env --dir {cluster.dir})"; first=$PATH; '
+             f'eval "$({TESTCLUSTER} env --dir {cluster.dir})"; [ "$first" = "$PATH" ] || echo GREW; '
+             'echo "$PATH"; command -v srun; command -v hpresilience; sed -n 2p "$(command -v srun)"')
+    out = subprocess.run(["sh", "-c", shell], capture_output=True, text=True, check=True, timeout=30).stdout
+    assert "GREW" not in out
+    path, srun, hpresilience, marker = out.splitlines()
+    dirs = path.split(":")
+    assert dirs[0] == str(cluster.dir / "path") and dirs.count(dirs[0]) == 1
+    assert srun == str(cluster.dir / "path" / "srun") and "hpresilience-srun-shim" in marker
+    assert hpresilience == str(cluster.dir / "path" / "hpresilience")
+    assert str(REPO / "scripts") not in dirs  # scripts/ also holds `test` and `demo`
+    venv_bin = REPO / ".venv" / "bin"
+    if venv_bin.is_dir():
+        assert dirs[-1] == str(venv_bin)
+
+
+def test_up_configures_the_job_submit_plugin(cluster):
+    conf = (cluster.dir / "etc" / "slurm.conf").read_text()
+    assert "\nJobSubmitPlugins=lua\n" in conf
+    assert (cluster.dir / "etc" / "job_submit.lua").resolve() == REPO / "slurm_plugins" / "job_submit.lua"
 
 
 def test_exec_runs_inside_the_node(cluster):
@@ -75,7 +100,7 @@ def test_up_recovers_from_a_crashed_run(cluster, gateway):
     """A cluster whose slurmctld died (crash, OOM kill) is cleaned up and restarted by `up`."""
     pid = int((cluster.dir / "ctld" / "slurmctld.pid").read_text())
     os.kill(pid, signal.SIGKILL)
-    out = cluster.tc("up", "--nodes", str(len(cluster.nodes)), "--port-base", "27000")
+    out = cluster.tc("up", "--nodes", str(len(cluster.nodes)), "--port-base", str(PORT_BASE))
     assert "cleaning up a previous cluster" in out.stderr and "nodes idle" in out.stdout
     assert int((cluster.dir / "ctld" / "slurmctld.pid").read_text()) != pid
     assert all(n.state == "IDLE" and not n.flags for n in gateway.nodes())
