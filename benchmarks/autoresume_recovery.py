@@ -96,7 +96,9 @@ def one_run(cluster: BenchCluster, env: Dict[str, str], path: str) -> Dict[str, 
         os.close(fd)
     first_after = wait(lambda: next(((s, t) for s, a, t in steps_seen(out) if a >= 2), None), 120,
                        "the first step after the resume")
-    before = [s for s, a, t in steps_seen(out) if a == 1 and t <= fault]
+    # Work lost: steps attempt 1 completed (some after the fault line, before the step was
+    # stopped) that the next attempt had to do again.
+    before = [s for s, a, t in steps_seen(out) if a == 1]
     resumed = [int(r) for a, r in RESUME_RE.findall(out.read_text()) if int(a) >= 2]
     wait(lambda: job_state(cluster, job) in ("COMPLETED", "FAILED", "CANCELLED"), 180, "the job to end")
     state = job_state(cluster, job)
@@ -107,6 +109,7 @@ def one_run(cluster: BenchCluster, env: Dict[str, str], path: str) -> Dict[str, 
     wait(lambda: "Reason=" not in cluster.node_line(victim) and re.search(r"State=IDLE\s", cluster.node_line(victim)),
          120, f"{victim} repaired by the controller", interval=0.5)
     return {"recovery": first_after[1] - fault, "last_step_before": max(before) if before else 0,
+            "steps_after_fault": sum(1 for s, a, t in steps_seen(out) if a == 1 and t > fault),
             "resumed_from": resumed[0] if resumed else -1,
             "redone": (max(before) if before else 0) - (resumed[0] if resumed else 0),
             "restart_count": result.get("restart_count", 0)}

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Dict, List, Mapping, Optional, Set
 
 from ..checkpoint import CheckpointDir
-from ..slurm import SlurmError, SlurmGateway
+from ..slurm import CommandRunner, ScontrolBackend, SlurmError, SlurmGateway
 from ..slurm.hostlist import fold
 from ..slurm.reason import EXPEDITE_MARK
 from .allocation import Allocation, step_env, why_bad
@@ -77,7 +77,6 @@ class Runner:
         self.cmd = cmd
         self.settings = settings
         self.real_srun = real_srun
-        self.gateway = gateway or SlurmGateway()
         self.env = dict(os.environ if env is None else env)
         self.stop_requested: Optional[int] = None
         job = self.env.get("SLURM_JOB_ID")
@@ -86,6 +85,10 @@ class Runner:
                                   "SLURM_JOB_ID is not set")
         self.job_id = int(job)
         self.dir = state_dir(settings, self.env)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # Run Slurm's tools in the state dir: shrinking a job makes scontrol write
+        # slurm_job_<id>_resize.{sh,csh} into its working directory, not the user's.
+        self.gateway = gateway or SlurmGateway(ScontrolBackend(CommandRunner(cwd=str(self.dir))))
         self.report = Reporter(self.dir / f"auto-resume-{self.job_id}.events.jsonl", err)
 
     # ----------------------------------------------------------------- checks

@@ -66,6 +66,7 @@ class CommandRunner:
     attempts: int = 4
     max_delay: float = 30.0
     env: Optional[Dict[str, str]] = None
+    cwd: Optional[str] = None   # scontrol writes files there (a job resize leaves slurm_job_<id>_resize.sh)
     sleep: Callable[[float], None] = field(default=tenacity.nap.sleep, repr=False)
 
     def run(self, argv: Sequence[str], target: Optional[Target] = None) -> str:
@@ -87,7 +88,7 @@ class CommandRunner:
             raise SlurmNotInstalled(argv[0])
         try:
             proc = subprocess.run([exe, *argv[1:]], capture_output=True, text=True, errors="replace",
-                                  timeout=self.timeout, env=self.env, stdin=subprocess.DEVNULL)
+                                  timeout=self.timeout, env=self.env, stdin=subprocess.DEVNULL, cwd=self.cwd)
         except subprocess.TimeoutExpired as e:
             raise SlurmUnavailable(argv, None, f"timed out after {self.timeout:g}s",
                                    what="slurmctld unreachable") from e
