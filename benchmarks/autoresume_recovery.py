@@ -73,7 +73,7 @@ def one_run(cluster: BenchCluster, env: Dict[str, str], path: str) -> Dict[str, 
               f"TRAINER={JOBS / 'trainer.py'},PYTHON={sys.executable},EXTRA=--every={EVERY},"
               f"STEP_SECONDS=0.25,HPR_STATE_DIR={tmp / 'state'}")
     sub = subprocess.run(["sbatch", "--parsable", "-N", str(job_nodes), "--exclusive", "--requeue",
-                          "--open-mode=append", "-o", str(out), f"--export={export}", "--comment=hpr-auto-resume",
+                          "--open-mode=append", "-o", str(out), f"--export={export}",
                           str(JOBS / "train.sbatch")], capture_output=True, text=True, env=env, timeout=30)
     if sub.returncode != 0:
         raise RuntimeError(f"sbatch: {sub.stderr}")

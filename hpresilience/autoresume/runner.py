@@ -50,6 +50,7 @@ class StepOutcome:
     hint: bool = False                                            # srun said something node-like
     signalled: bool = False                                       # we were told to stop (scancel, timeout)
     nodes: List[str] = field(default_factory=list)
+    steps_before: Set[str] = field(default_factory=set)           # the job's steps before this one started
 
 
 class Reporter:
@@ -115,6 +116,12 @@ class Runner:
         self._check_job(alloc)
         state = AttemptState.load(self.dir, self.job_id)
         restarts = int(self.env.get("SLURM_RESTART_COUNT") or 0)
+        # Slurm resets SubmitTime on a requeue, so (restart count, submit time) tells this job
+        # from an older one with the same id (ids restart after a state reset, or wrap).
+        submitted = alloc.job.submit_time.timestamp() if alloc.job.submit_time else None
+        if restarts < state.requeues or (restarts == state.requeues and state.submit_time not in (None, submitted)):
+            state = AttemptState(self.job_id)
+        state.submit_time = submitted
         if restarts > state.requeues:
             state.requeues = restarts
             state.note("requeued", restart_count=restarts)
@@ -181,6 +188,7 @@ class Runner:
             self.report.say(f"dropped {fold(drop)} from job {self.job_id} (the controller can repair them); "
                             f"new node list {fold(keep)}")
             self.report.event("nodes_released", dropped=fold(drop), nodelist=fold(keep))
+            self._clear_steps(outcome.steps_before)
 
     def _choose(self, healthy: List[str], wanted: int) -> List[str]:
         """The user's -w nodes first while healthy, then other healthy nodes, in job order."""
@@ -198,8 +206,8 @@ class Runner:
 
     # --------------------------------------------------------------- the step
     def _run_step(self, argv: List[str], env: Dict[str, str], nodes: List[str]) -> StepOutcome:
-        outcome = StepOutcome(returncode=1, nodes=nodes)
         before = self._step_ids()
+        outcome = StepOutcome(returncode=1, nodes=nodes, steps_before=before)
         proc = subprocess.Popen([self.real_srun, *argv], env=env, stderr=subprocess.PIPE)
         previous = {s: signal.signal(s, lambda signum, _f: self._forward(proc, signum, outcome))
                     for s in FORWARDED_SIGNALS}
@@ -223,7 +231,7 @@ class Runner:
                     outcome.stopped_for = bad
                     self.report.say("stopping the step: " + "; ".join(f"{n}: {w}" for n, w in sorted(bad.items())))
                     self.report.event("step_stopping", nodes=sorted(bad), why=bad)
-                    proc.send_signal(signal.SIGTERM)
+                    self._terminate_step(proc, before)
                     stop_sent = time.monotonic()
         finally:
             for s, handler in previous.items():
@@ -254,15 +262,49 @@ class Runner:
         except SlurmError:
             return set()
 
+    def _our_steps(self, before: Set[str]) -> List[str]:
+        return sorted(s for s in self._step_ids() - before if not s.endswith((".batch", ".extern")))
+
+    def _terminate_step(self, proc: subprocess.Popen, before: Set[str]) -> None:
+        """SIGTERM to the step's tasks through Slurm, so the program gets its grace (a
+        SIGTERM to srun itself makes srun kill the tasks at once)."""
+        steps = self._our_steps(before)
+        for step in steps:
+            try:
+                self.gateway.signal_step(step, "TERM")
+            except SlurmError as e:
+                self.report.say(f"could not signal step {step}: {e}")
+                steps = []
+        if not steps:
+            proc.send_signal(signal.SIGTERM)
+
+    def _clear_steps(self, before: Set[str], timeout: float = 60.0) -> None:
+        """Before the next attempt: the stopped step must be gone, or its nodes stay busy
+        ("step creation temporarily disabled"). A step that had a dead node is only
+        cleaned up by Slurm once it is killed after the node left the job."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = self._our_steps(before)
+            if not left:
+                return
+            for step in left:
+                try:
+                    self.gateway.signal_step(step, "KILL")
+                except SlurmError:
+                    pass  # gone meanwhile, or slurmctld busy: looked at again below
+            if time.monotonic() > deadline:
+                self.report.say(f"step(s) {', '.join(left)} still not gone after {timeout:.0f}s; going on")
+                return
+            time.sleep(1.0)
+
     def _kill_step(self, proc: subprocess.Popen, before: Set[str]) -> None:
         """srun did not end within the grace: kill it, and have Slurm kill what it started."""
         proc.kill()
-        for step in self._step_ids() - before:
-            if not step.endswith((".batch", ".extern")):
-                try:
-                    self.gateway.signal_step(step, "KILL")
-                except SlurmError as e:
-                    self.report.say(f"could not kill step {step}: {e}")
+        for step in self._our_steps(before):
+            try:
+                self.gateway.signal_step(step, "KILL")
+            except SlurmError as e:
+                self.report.say(f"could not kill step {step}: {e}")
 
     def _bad_now(self, nodes: List[str]) -> Dict[str, str]:
         try:

@@ -15,6 +15,7 @@ from ..statefile import write_json
 @dataclass
 class AttemptState:
     job_id: int
+    submit_time: Optional[float] = None      # tells this job from an older one with the same id
     attempts: int = 0                        # attempts started so far
     requeues: int = 0
     last_checkpoint_step: Optional[int] = None   # newest checkpoint when the last attempt started

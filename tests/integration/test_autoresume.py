@@ -58,7 +58,7 @@ def submit(c: LiveCluster, tmp: Path, job_nodes: int, step_nodes: int, steps: in
     env = (f"ALL,STEP_NODES={step_nodes},STEPS={steps},CKPT={tmp / 'ckpt'},RESULT={tmp / 'result.json'},"
            f"TRAINER={JOBS / 'trainer.py'},PYTHON={sys.executable},EXTRA={extra},HPR_STATE_DIR={tmp / 'state'}")
     args = ["-N", str(job_nodes), "--exclusive", "--open-mode=append", "-o", str(tmp / "out.txt"),
-            f"--export={env}", "--comment=hpr-auto-resume"]
+            f"--export={env}"]
     if requeue:
         args.append("--requeue")
     return c.sbatch(*args, str(JOBS / "train.sbatch"))
