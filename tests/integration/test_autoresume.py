@@ -155,3 +155,21 @@ def test_not_exclusive_and_outside_allocation_are_refused(cluster, tmp_path):
     job = cluster.sbatch("-N1", "-o", str(tmp_path / "o.txt"), "--wrap", "A=--auto-resume=1; srun $A hostname")
     finished(job)
     assert "--exclusive" in (tmp_path / "o.txt").read_text()
+
+
+def test_pytorch_ddp_example_resumes_from_its_checkpoint(cluster, tmp_path):
+    """examples/: real torch DDP (gloo, CPU) under torchrun, one per node."""
+    pytest.importorskip("torch")
+    env = (f"ALL,TRAIN_NODES=2,TRAIN_STEPS=30,TRAIN_CKPT_EVERY=5,TRAIN_STEP_SECONDS=0.3,"
+           f"TRAIN_PYTHON={sys.executable},TRAIN_EXAMPLES_DIR={REPO / 'examples'},TRAIN_CKPT_DIR={tmp_path / 'ckpt'},"
+           f"TRAIN_RESULT={tmp_path / 'result.json'},GLOO_SOCKET_IFNAME=lo,HPR_STATE_DIR={tmp_path / 'state'}")
+    job = cluster.sbatch("-N", "3", "-o", str(tmp_path / "out.txt"), f"--export={env}",
+                         str(REPO / "examples" / "train.sbatch"))
+    wait_until(lambda: len(step_nodes_of(job)) == 2, 60, "the training step")
+    wait_checkpoint(tmp_path, 5, timeout=120)
+    victim = next(n for n in step_nodes_of(job) if n != job_field(job, "batch_host"))
+    cluster.tc("log", victim, XID74)
+    assert finished(job, timeout=240) == "COMPLETED", (tmp_path / "out.txt").read_text()[-5000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert (result["final_step"], result["attempt"], result["world_size"]) == (30, 2, 2), result
+    assert result["resumed_from"] >= 5 and victim not in result["nodes"], result
