@@ -405,3 +405,42 @@ def test_spare_pool_with_no_spare_leaves_the_node_out(cl, ctl):
     wf = c.wait_finished("n2")
     assert wf.status == "failed" and "does not exist" in wf.data["outcome"], wf
     assert gw.node("n2").reason.startswith("hpresilience:")
+
+
+@pytest.fixture(scope="module")
+def ps(tmp_path_factory):
+    """A second, small cluster with Slurm's power saving on its nodes (`up --power-save`)."""
+    directory = tmp_path_factory.mktemp("powersave")
+    c = LiveCluster(directory, ["n1", "n2"])
+    c.tc("up", "--nodes", "2", "--port-base", "23000", "--power-save", timeout=300)
+    saved = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(directory / "etc" / "slurm.conf")
+    try:
+        yield c
+    finally:
+        down = c.tc("down", check=False)
+        if saved is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = saved
+        assert down.returncode == 0, down.stderr
+        assert not own_processes(directory)
+
+
+def test_power_save_provider_replaces_through_slurm_power_saving(ps, tmp_path):
+    gw = SlurmGateway()
+    boot_before = gw.node("n2").boot_time
+    c = ControllerProc(ps, tmp_path / "ctl", provider={"type": "power-save", "power_down_timeout_seconds": 60})
+    c.start()
+    try:
+        scontrol("update", "nodename=n2", "state=fail", "reason=Action: Replace; XID 79")
+        wf = c.wait_finished("n2", timeout=120)
+        assert (wf.status, wf.action) == ("done", "replace"), wf
+        node = gw.node("n2")
+        assert node.boot_time > boot_before and in_service("n2"), node
+        # Slurm ran SuspendProgram, then ResumeProgram (a fresh instance): once each.
+        assert count_lines(ps.dir / "nodes" / "n2" / "power_offs.log") == 1
+        assert count_lines(ps.dir / "nodes" / "n2" / "replacements.log") == 1
+        assert gw.reservation("hpr_verify_n2") is None
+    finally:
+        c.kill()
