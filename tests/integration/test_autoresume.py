@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,26 @@ def test_pytorch_ddp_example_resumes_from_its_checkpoint(cluster, tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())
     assert (result["final_step"], result["attempt"], result["world_size"]) == (30, 2, 2), result
     assert result["resumed_from"] >= 5 and victim not in result["nodes"], result
+
+
+def test_slurmctld_unreachable_mid_step_does_not_stop_training(cluster, tmp_path):
+    job = submit(cluster, tmp_path, job_nodes=2, step_nodes=2, steps=20)
+    wait_until(lambda: len(step_nodes_of(job)) == 2, 60, "the training step")
+    wait_checkpoint(tmp_path, 2)
+    cluster.tc("slurmctld", "stop")
+    try:
+        time.sleep(5)  # several polls of the runner fail meanwhile
+    finally:
+        cluster.tc("slurmctld", "start")
+    assert finished(job) == "COMPLETED", (tmp_path / "out.txt").read_text()
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert (result["final_step"], result["attempt"]) == (20, 1), result
+
+
+def test_a_nodelist_naming_gone_nodes_runs_on_the_healthy_ones(cluster, tmp_path):
+    # -w names a node the job lost meanwhile (and one that never existed): the attempt's explicit
+    # node list is rebuilt from the job's healthy nodes.
+    job = cluster.sbatch("-N2", "--exclusive", "-o", str(tmp_path / "o.txt"), "--wrap",
+                         "srun --auto-resume=1 -N2 -w n9,$(hostname) hostname")
+    assert finished(job) == "COMPLETED", (tmp_path / "o.txt").read_text()
+    assert len([line for line in (tmp_path / "o.txt").read_text().splitlines() if line.startswith("n")]) == 2
