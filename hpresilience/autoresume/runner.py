@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Dict, List, Mapping, Optional, Set
 
 from ..checkpoint import CheckpointDir
-from ..slurm import CommandRunner, ScontrolBackend, SlurmError, SlurmGateway
+from ..slurm import CommandRunner, JobNotFound, ScontrolBackend, SlurmError, SlurmGateway
 from ..slurm.hostlist import fold
 from ..slurm.reason import EXPEDITE_MARK
 from .allocation import Allocation, step_env, why_bad
@@ -272,8 +272,12 @@ class Runner:
         for step in steps:
             try:
                 self.gateway.signal_step(step, "TERM")
+            except JobNotFound:
+                # scancel on 22.05 can report "Invalid job id" for a step it has just
+                # signalled (seen: the tasks got SIGTERM, then this error): nothing to do.
+                pass
             except SlurmError as e:
-                self.report.say(f"could not signal step {step}: {e}")
+                self.report.say(f"could not signal step {step} ({e}); signalling srun")
                 steps = []
         if not steps:
             proc.send_signal(signal.SIGTERM)
