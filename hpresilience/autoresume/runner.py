@@ -178,11 +178,13 @@ class Runner:
             alloc = Allocation.read(self.gateway, self.job_id)
             keep = [n for n in alloc.healthy if n not in bad]
             drop = [n.name for n in alloc.nodes if n.name not in keep]
-            in_place = (len(keep) >= wanted and alloc.job.batch_host in keep and not alloc.job.gres)
+            # An explicit -N keeps the step's size; without one the step runs on what the job holds.
+            needed = self.cmd.nodes or 1
+            in_place = (len(keep) >= needed and alloc.job.batch_host in keep and not alloc.job.gres)
             if not in_place:
                 why = ("the batch host failed" if alloc.job.batch_host not in keep else
                        "GRES jobs cannot be shrunk" if alloc.job.gres else
-                       f"{len(keep)} healthy nodes left, the step needs {wanted}")
+                       f"{len(keep)} healthy nodes left, the step needs {needed}")
                 return self._requeue(alloc, state, why)
             self.gateway.update_job(self.job_id, nodelist=keep)
             self.report.say(f"dropped {fold(drop)} from job {self.job_id} (the controller can repair them); "
