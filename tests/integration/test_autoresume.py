@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -54,9 +55,9 @@ def cluster(ar):
     ar.reset()
 
 
-def submit(c: LiveCluster, tmp: Path, job_nodes: int, step_nodes: int, steps: int = 16, extra: str = "",
+def submit(c: LiveCluster, tmp: Path, job_nodes: int, step_nodes: Optional[int], steps: int = 16, extra: str = "",
            requeue: bool = False) -> int:
-    env = (f"ALL,STEP_NODES={step_nodes},STEPS={steps},CKPT={tmp / 'ckpt'},RESULT={tmp / 'result.json'},"
+    env = (f"ALL,STEP_NODES={step_nodes or ''},STEPS={steps},CKPT={tmp / 'ckpt'},RESULT={tmp / 'result.json'},"
            f"TRAINER={JOBS / 'trainer.py'},PYTHON={sys.executable},EXTRA={extra},HPR_STATE_DIR={tmp / 'state'}")
     args = ["-N", str(job_nodes), "--exclusive", "--open-mode=append", "-o", str(tmp / "out.txt"),
             f"--export={env}"]
@@ -197,3 +198,16 @@ def test_a_nodelist_naming_gone_nodes_runs_on_the_healthy_ones(cluster, tmp_path
                          "srun --auto-resume=1 -N2 -w n9,$(hostname) hostname")
     assert finished(job) == "COMPLETED", (tmp_path / "o.txt").read_text()
     assert len([line for line in (tmp_path / "o.txt").read_text().splitlines() if line.startswith("n")]) == 2
+
+
+def test_without_n_the_step_shrinks_in_the_allocation(cluster, tmp_path):
+    job = submit(cluster, tmp_path, job_nodes=2, step_nodes=None)
+    wait_until(lambda: len(step_nodes_of(job)) == 2, 60, "the training step")
+    wait_checkpoint(tmp_path, 4)
+    batch = job_field(job, "batch_host")
+    victim = next(n for n in step_nodes_of(job) if n != batch)
+    cluster.tc("log", victim, XID74)
+    assert finished(job) == "COMPLETED", (tmp_path / "out.txt").read_text()
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert (result["final_step"], result["attempt"], result["nodelist"]) == (16, 2, batch), result
+    assert "requeue" not in [e["event"] for e in events(tmp_path, job)]
