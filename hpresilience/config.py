@@ -119,6 +119,17 @@ def load_dataclass(cls: Type[T], data: Dict[str, Any], source: str, prefix: str 
     return obj
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def validate_daemon_settings(metrics_port: int, log_level: str) -> None:
+    """What every daemon section (agent, controller) checks alike."""
+    if not 0 <= metrics_port <= 65535:
+        raise ValueError(f"metrics_port {metrics_port} is not a port number")
+    if log_level not in LOG_LEVELS:
+        raise ValueError(f"log_level {log_level!r}: expected debug, info, warning or error")
+
+
 def load_file(cls: Type[T], path: Optional[Path]) -> T:
     """`cls` from a TOML file, or its defaults when `path` is None."""
     if path is None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ..config import load_file
+from ..config import load_file, validate_daemon_settings
 from .monitors.nvml import NvmlConfig
 from .monitors.system import SystemConfig
 
@@ -43,10 +43,7 @@ class AgentSection:
     def validate(self) -> None:
         if self.check_interval_seconds <= 0:
             raise ValueError("check_interval_seconds must be > 0")
-        if not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"metrics_port {self.metrics_port} is not a port number")
-        if self.log_level not in ("debug", "info", "warning", "error"):
-            raise ValueError(f"log_level {self.log_level!r}: expected debug, info, warning or error")
+        validate_daemon_settings(self.metrics_port, self.log_level)
 
 
 @dataclass

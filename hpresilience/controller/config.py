@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from ..config import load_file
+from ..config import load_file, validate_daemon_settings
 
 DEFAULT_CONFIG_PATH = Path("/etc/hpresilience/controller.toml")
 MODES = ("automatic", "manual")
@@ -72,10 +72,7 @@ class ControllerSection:
             raise ValueError("poll_interval_seconds must be in (0, 60]")
         if self.slurm_timeout_seconds <= 0:
             raise ValueError("slurm_timeout_seconds must be > 0")
-        if not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"metrics_port {self.metrics_port} is not a port number")
-        if self.log_level not in ("debug", "info", "warning", "error"):
-            raise ValueError(f"log_level {self.log_level!r}: expected debug, info, warning or error")
+        validate_daemon_settings(self.metrics_port, self.log_level)
 
 
 @dataclass

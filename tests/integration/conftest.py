@@ -4,12 +4,13 @@ Tests here talk to a real slurmctld and real slurmd daemons started by
 scripts/testcluster; nothing of Slurm or of hpresilience is mocked."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, Dict, Iterator, List, Optional
 
 import pytest
 
@@ -77,6 +78,30 @@ def own_processes(directory: Path) -> List[str]:
         if str(directory) in cmd and "pytest" not in cmd:
             found.append(f"{pid}: {cmd}")
     return found
+
+
+@contextlib.contextmanager
+def private_cluster(tmp_path_factory, name: str, nodes: int, port_base: int, *up_args: str,
+                    env: Optional[Dict[str, str]] = None) -> Iterator[LiveCluster]:
+    """A cluster of a test module's own (own directory and ports), with SLURM_CONF (and `env`)
+    pointing at it while it runs; `down` must leave no daemon behind."""
+    directory = tmp_path_factory.mktemp(name)
+    c = LiveCluster(directory, [f"n{i}" for i in range(1, nodes + 1)])
+    c.tc("up", "--nodes", str(nodes), "--port-base", str(port_base), *up_args, timeout=300)
+    wanted = {"SLURM_CONF": str(directory / "etc" / "slurm.conf"), **(env or {})}
+    saved = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield c
+    finally:
+        down = c.tc("down", check=False)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        assert down.returncode == 0, down.stderr
+        assert not own_processes(directory)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import pytest
 
 from hpresilience.slurm import SlurmGateway
 
-from .conftest import REPO, LiveCluster, own_processes, wait_until
+from .conftest import REPO, LiveCluster, private_cluster, wait_until
 
 PORT_BASE = 24000
 JOBS = Path(__file__).parent / "jobs"
@@ -25,23 +25,10 @@ XID74 = ("NVRM: Xid (PCI:0000:b9:00): 74, pid=<unknown>, name=<unknown>, NVLink:
 
 @pytest.fixture(scope="module")
 def ar(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("autoresume")
-    c = LiveCluster(directory, ["n1", "n2", "n3", "n4"])
-    c.tc("up", "--nodes", "4", "--port-base", str(PORT_BASE), "--agents", "--controller", timeout=300)
-    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "PATH")}
-    os.environ["SLURM_CONF"] = str(directory / "etc" / "slurm.conf")
-    os.environ["PATH"] = f"{REPO / 'scripts'}:{Path(sys.executable).parent}:{os.environ['PATH']}"
-    try:
+    path = f"{REPO / 'scripts'}:{Path(sys.executable).parent}:{os.environ['PATH']}"
+    with private_cluster(tmp_path_factory, "autoresume", 4, PORT_BASE, "--agents", "--controller",
+                         env={"PATH": path}) as c:
         yield c
-    finally:
-        down = c.tc("down", check=False)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        assert down.returncode == 0, down.stderr
-        assert not own_processes(directory)
 
 
 @pytest.fixture
@@ -87,6 +74,21 @@ def step_nodes_of(job_id: int) -> list:
     return list(steps[-1].nodes) if steps else []
 
 
+def fail_a_step_node(c: LiveCluster, tmp: Path, job_id: int, how: str, batch_host: bool = False,
+                     checkpoint: int = 4, timeout: float = 60) -> str:
+    """Once the 2-node step has checkpointed: XID 74 in a step node's kernel log ("log") or the
+    node dies ("kill"); the batch host, or a step node that is not it. Returns the node."""
+    wait_until(lambda: len(step_nodes_of(job_id)) == 2, 60, "the training step")
+    wait_checkpoint(tmp, checkpoint, timeout)
+    batch = job_field(job_id, "batch_host")
+    victim = batch if batch_host else next(n for n in step_nodes_of(job_id) if n != batch)
+    if how == "log":
+        c.tc("log", victim, XID74)
+    else:
+        c.tc("kill", victim)
+    return victim
+
+
 def events(tmp: Path, job_id: int) -> list:
     path = tmp / "state" / f"auto-resume-{job_id}.events.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -94,11 +96,7 @@ def events(tmp: Path, job_id: int) -> list:
 
 def test_in_allocation_resume_after_xid74(cluster, tmp_path):
     job = submit(cluster, tmp_path, job_nodes=3, step_nodes=2)
-    wait_until(lambda: len(step_nodes_of(job)) == 2, 60, "the training step")
-    wait_checkpoint(tmp_path, 4)
-    batch = job_field(job, "batch_host")
-    victim = next(n for n in step_nodes_of(job) if n != batch)
-    cluster.tc("log", victim, XID74)
+    victim = fail_a_step_node(cluster, tmp_path, job, "log")
     assert finished(job) == "COMPLETED", (tmp_path / "out.txt").read_text()
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["final_step"] == 16 and result["attempt"] == 2, result
@@ -112,11 +110,7 @@ def test_in_allocation_resume_after_xid74(cluster, tmp_path):
 
 def test_requeue_resume_after_xid74(cluster, tmp_path):
     job = submit(cluster, tmp_path, job_nodes=2, step_nodes=2, requeue=True)
-    wait_until(lambda: len(step_nodes_of(job)) == 2, 60, "the training step")
-    wait_checkpoint(tmp_path, 4)
-    first = list(SlurmGateway().job(job).nodes)
-    victim = next(n for n in first if n != job_field(job, "batch_host"))
-    cluster.tc("log", victim, XID74)
+    victim = fail_a_step_node(cluster, tmp_path, job, "log")
     assert finished(job) == "COMPLETED", (tmp_path / "out.txt").read_text()
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["final_step"] == 16 and result["restart_count"] == 1 and result["attempt"] == 2, result
@@ -128,11 +122,7 @@ def test_requeue_resume_after_xid74(cluster, tmp_path):
 def test_dead_host_job_still_completes(cluster, tmp_path, which):
     job = submit(cluster, tmp_path, job_nodes=3 if which == "step node" else 2, step_nodes=2, steps=30,
                  requeue=True)
-    wait_until(lambda: len(step_nodes_of(job)) == 2, 60, "the training step")
-    wait_checkpoint(tmp_path, 4)
-    batch = job_field(job, "batch_host")
-    victim = batch if which == "batch host" else next(n for n in step_nodes_of(job) if n != batch)
-    cluster.tc("kill", victim)
+    victim = fail_a_step_node(cluster, tmp_path, job, "kill", batch_host=which == "batch host")
     assert finished(job, timeout=240) == "COMPLETED", (tmp_path / "out.txt").read_text()
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["final_step"] == 30 and victim not in result["nodelist"] and result["resumed_from"] >= 4, result
@@ -167,10 +157,7 @@ def test_pytorch_ddp_example_resumes_from_its_checkpoint(cluster, tmp_path):
            f"TRAIN_RESULT={tmp_path / 'result.json'},GLOO_SOCKET_IFNAME=lo,HPR_STATE_DIR={tmp_path / 'state'}")
     job = cluster.sbatch("-N", "3", "-o", str(tmp_path / "out.txt"), f"--export={env}",
                          str(REPO / "examples" / "train.sbatch"))
-    wait_until(lambda: len(step_nodes_of(job)) == 2, 60, "the training step")
-    wait_checkpoint(tmp_path, 5, timeout=120)
-    victim = next(n for n in step_nodes_of(job) if n != job_field(job, "batch_host"))
-    cluster.tc("log", victim, XID74)
+    victim = fail_a_step_node(cluster, tmp_path, job, "log", checkpoint=5, timeout=120)
     assert finished(job, timeout=240) == "COMPLETED", (tmp_path / "out.txt").read_text()[-5000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert (result["final_step"], result["attempt"], result["world_size"]) == (30, 2, 2), result
@@ -202,11 +189,8 @@ def test_a_nodelist_naming_gone_nodes_runs_on_the_healthy_ones(cluster, tmp_path
 
 def test_without_n_the_step_shrinks_in_the_allocation(cluster, tmp_path):
     job = submit(cluster, tmp_path, job_nodes=2, step_nodes=None)
-    wait_until(lambda: len(step_nodes_of(job)) == 2, 60, "the training step")
-    wait_checkpoint(tmp_path, 4)
+    fail_a_step_node(cluster, tmp_path, job, "log")
     batch = job_field(job, "batch_host")
-    victim = next(n for n in step_nodes_of(job) if n != batch)
-    cluster.tc("log", victim, XID74)
     assert finished(job) == "COMPLETED", (tmp_path / "out.txt").read_text()
     result = json.loads((tmp_path / "result.json").read_text())
     assert (result["final_step"], result["attempt"], result["nodelist"]) == (16, 2, batch), result

@@ -17,7 +17,7 @@ import pytest
 from hpresilience.controller.journal import Journal, Workflow
 from hpresilience.slurm import SlurmGateway
 
-from .conftest import TESTCLUSTER, LiveCluster, own_processes, wait_until
+from .conftest import TESTCLUSTER, LiveCluster, private_cluster, wait_until
 
 PORT_BASE = 29000
 NODES = ["n1", "n2", "n3", "n4"]
@@ -26,21 +26,8 @@ HPRESILIENCE = Path(sys.executable).parent / "hpresilience"
 
 @pytest.fixture(scope="module")
 def cl(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("ctl")
-    c = LiveCluster(directory, list(NODES))
-    c.tc("up", "--nodes", str(len(NODES)), "--port-base", str(PORT_BASE), timeout=300)
-    saved = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(directory / "etc" / "slurm.conf")
-    try:
+    with private_cluster(tmp_path_factory, "ctl", len(NODES), PORT_BASE) as c:
         yield c
-    finally:
-        down = c.tc("down", check=False)
-        if saved is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = saved
-        assert down.returncode == 0, down.stderr
-        assert not own_processes(directory)
 
 
 def toml_value(value) -> str:
@@ -410,21 +397,8 @@ def test_spare_pool_with_no_spare_leaves_the_node_out(cl, ctl):
 @pytest.fixture(scope="module")
 def ps(tmp_path_factory):
     """A second, small cluster with Slurm's power saving on its nodes (`up --power-save`)."""
-    directory = tmp_path_factory.mktemp("powersave")
-    c = LiveCluster(directory, ["n1", "n2"])
-    c.tc("up", "--nodes", "2", "--port-base", "23000", "--power-save", timeout=300)
-    saved = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(directory / "etc" / "slurm.conf")
-    try:
+    with private_cluster(tmp_path_factory, "powersave", 2, 23000, "--power-save") as c:
         yield c
-    finally:
-        down = c.tc("down", check=False)
-        if saved is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = saved
-        assert down.returncode == 0, down.stderr
-        assert not own_processes(directory)
 
 
 def test_power_save_provider_replaces_through_slurm_power_saving(ps, tmp_path):
