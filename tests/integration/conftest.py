@@ -83,37 +83,17 @@ def own_processes(directory: Path) -> List[str]:
 @contextlib.contextmanager
 def private_cluster(tmp_path_factory, name: str, nodes: int, port_base: int, *up_args: str,
                     env: Optional[Dict[str, str]] = None) -> Iterator[LiveCluster]:
-    """A cluster of a test module's own (own directory and ports), with SLURM_CONF (and `env`)
-    pointing at it while it runs; `down` must leave no daemon behind."""
+    """A cluster in its own directory on its own ports, with SLURM_CONF and HPR_TESTCLUSTER_DIR
+    (and `env`) pointing at it while it runs; `down` must leave no daemon behind."""
     directory = tmp_path_factory.mktemp(name)
     c = LiveCluster(directory, [f"n{i}" for i in range(1, nodes + 1)])
+    started = time.monotonic()
     c.tc("up", "--nodes", str(nodes), "--port-base", str(port_base), *up_args, timeout=300)
-    wanted = {"SLURM_CONF": str(directory / "etc" / "slurm.conf"), **(env or {})}
+    c.up_seconds = time.monotonic() - started
+    wanted = {"SLURM_CONF": str(directory / "etc" / "slurm.conf"), "HPR_TESTCLUSTER_DIR": str(directory),
+              **(env or {})}
     saved = {k: os.environ.get(k) for k in wanted}
     os.environ.update(wanted)
-    try:
-        yield c
-    finally:
-        down = c.tc("down", check=False)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        assert down.returncode == 0, down.stderr
-        assert not own_processes(directory)
-
-
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory) -> LiveCluster:
-    directory = tmp_path_factory.mktemp("cluster")
-    c = LiveCluster(directory, [f"n{i}" for i in range(1, NODES + 1)])
-    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "HPR_TESTCLUSTER_DIR")}
-    started = time.monotonic()
-    c.tc("up", "--nodes", str(NODES), "--port-base", str(PORT_BASE))
-    c.up_seconds = time.monotonic() - started
-    os.environ["SLURM_CONF"] = str(directory / "etc" / "slurm.conf")
-    os.environ["HPR_TESTCLUSTER_DIR"] = str(directory)
     try:
         yield c
     finally:
@@ -126,6 +106,12 @@ def cluster(tmp_path_factory) -> LiveCluster:
         left = own_processes(directory)
         assert down.returncode == 0, down.stderr
         assert not left, f"testcluster down left processes behind: {left}"
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory) -> Iterator[LiveCluster]:
+    with private_cluster(tmp_path_factory, "cluster", NODES, PORT_BASE) as c:
+        yield c
 
 
 @pytest.fixture

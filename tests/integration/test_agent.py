@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from .conftest import LiveCluster, own_processes, wait_until
+from .conftest import LiveCluster, private_cluster, wait_until
 
 XID_LINE = ("NVRM: Xid (PCI:0000:b9:00): {xid}, pid=<unknown>, name=<unknown>, NVLink: fatal error detected on "
             "link 6(0x10000, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0)")
@@ -22,15 +22,8 @@ PORT_BASE = 28000
 @pytest.fixture(scope="module")
 def agents(tmp_path_factory):
     """A second, small cluster with agents (its own dir and ports)."""
-    directory = tmp_path_factory.mktemp("agents")
-    c = LiveCluster(directory, ["n1", "n2", "n3"])
-    c.tc("up", "--nodes", "3", "--port-base", str(PORT_BASE), "--agents", timeout=300)
-    try:
+    with private_cluster(tmp_path_factory, "agents", 3, PORT_BASE, "--agents") as c:
         yield c
-    finally:
-        down = c.tc("down", check=False)
-        assert down.returncode == 0, down.stderr
-        assert not own_processes(directory)
 
 
 def slurm_env(c: LiveCluster) -> dict:

@@ -260,37 +260,30 @@ def test_second_controller_stays_passive_and_takes_over(cl, ctl, tmp_path):
         second.kill()
 
 
-@pytest.mark.parametrize("point", ["enter:reboot", "effect:reboot", "enter:await_boot", "enter:verify",
-                                   "enter:release"])
-def test_sigkill_at_each_reboot_step_reboots_exactly_once(cl, ctl, point):
-    reboots = count_lines(cl.dir / "nodes" / "n2" / "reboots.log")
-    c = ctl()
-    c.start(crash_at=point)
-    scontrol("update", "nodename=n2", "state=fail", "reason=Action: Reboot")
-    assert c.proc.wait(timeout=60) == -signal.SIGKILL
-    assert c.workflows("n2")[-1].status == "active"
-    c.start()
-    wf = c.wait_finished("n2")
-    assert wf.status == "done", wf
-    assert in_service("n2")
-    assert count_lines(cl.dir / "nodes" / "n2" / "reboots.log") == reboots + 1
-    assert len(c.workflows("n2")) == 1
+CRASH_POINTS = [("Reboot", "n2", "reboots.log", p) for p in ("enter:reboot", "effect:reboot", "enter:await_boot",
+                                                             "enter:verify", "enter:release")]
+CRASH_POINTS += [("Replace", "n3", "replacements.log", p) for p in ("enter:replace", "effect:replace",
+                                                                    "enter:await_node", "enter:verify",
+                                                                    "enter:release")]
 
 
-@pytest.mark.parametrize("point", ["enter:replace", "effect:replace", "enter:await_node", "enter:verify",
-                                   "enter:release"])
-def test_sigkill_at_each_replace_step_replaces_exactly_once(cl, ctl, point):
-    replacements = count_lines(cl.dir / "nodes" / "n3" / "replacements.log")
+@pytest.mark.parametrize("action, node, effects, point", CRASH_POINTS,
+                         ids=[f"{a.lower()}-{p}" for a, _, _, p in CRASH_POINTS])
+def test_sigkill_at_each_step_acts_exactly_once(cl, ctl, action, node, effects, point):
+    """SIGKILL at every step boundary, then a restart: the workflow finishes, with exactly one
+    reboot or replacement (the emulation logs each one it performs)."""
+    before = count_lines(cl.dir / "nodes" / node / effects)
     c = ctl()
     c.start(crash_at=point)
-    scontrol("update", "nodename=n3", "state=fail", "reason=Action: Replace")
+    scontrol("update", f"nodename={node}", "state=fail", f"reason=Action: {action}")
     assert c.proc.wait(timeout=60) == -signal.SIGKILL
+    assert c.workflows(node)[-1].status == "active"
     c.start()
-    wf = c.wait_finished("n3")
+    wf = c.wait_finished(node)
     assert wf.status == "done", wf
-    assert in_service("n3")
-    assert count_lines(cl.dir / "nodes" / "n3" / "replacements.log") == replacements + 1
-    assert len(c.workflows("n3")) == 1
+    assert in_service(node)
+    assert count_lines(cl.dir / "nodes" / node / effects) == before + 1
+    assert len(c.workflows(node)) == 1
 
 
 @pytest.mark.parametrize("argv, expect", [

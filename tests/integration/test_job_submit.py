@@ -14,7 +14,7 @@ from typing import Dict
 
 import pytest
 
-from .conftest import REPO, LiveCluster, own_processes, wait_until
+from .conftest import REPO, LiveCluster, private_cluster, wait_until
 
 PORT_BASE = 26000
 MARK = "hpr-auto-resume"
@@ -24,15 +24,8 @@ FIX = "add `#SBATCH --exclusive`"
 @pytest.fixture(scope="module")
 def jc(tmp_path_factory):
     """A small cluster of this module's own (its dir and ports)."""
-    directory = tmp_path_factory.mktemp("jobsubmit")
-    c = LiveCluster(directory, ["n1", "n2"])
-    c.tc("up", "--nodes", "2", "--port-base", str(PORT_BASE), timeout=300)
-    try:
+    with private_cluster(tmp_path_factory, "jobsubmit", 2, PORT_BASE) as c:
         yield c
-    finally:
-        down = c.tc("down", check=False)
-        assert down.returncode == 0, down.stderr
-        assert not own_processes(directory)
 
 
 def cluster_env(c: LiveCluster) -> Dict[str, str]:
