@@ -34,7 +34,7 @@ from hpresilience.controller.config import ControllerConfig
 from hpresilience.controller.daemon import controller_gateway
 from hpresilience.controller.journal import Journal
 from hpresilience.controller.providers import NoProvider
-from hpresilience.controller.workflow import Reconciler
+from hpresilience.controller.reconcile import Reconciler
 
 HPRESILIENCE = Path(sys.executable).parent / "hpresilience"
 FLAGGED = 100

@@ -7,35 +7,11 @@ remediation directly: it emits Findings.
 """
 from __future__ import annotations
 
-import enum
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional
 
-from .slurm.reason import Action
-
-
-class NodeAction(str, enum.Enum):
-    """What a finding asks for, mildest first: NONE < REBOOT < REPLACE."""
-    NONE = "none"
-    REBOOT = "reboot"
-    REPLACE = "replace"
-
-    @property
-    def rank(self) -> int:
-        return list(NodeAction).index(self)
-
-    @property
-    def reason_action(self) -> Optional[Action]:
-        """The `Action:` word for a Slurm reason, None for NONE."""
-        return {NodeAction.REBOOT: Action.REBOOT, NodeAction.REPLACE: Action.REPLACE}.get(self)
-
-    @classmethod
-    def parse(cls, text: str) -> NodeAction:
-        try:
-            return cls(str(text).strip().lower())
-        except ValueError:
-            raise ValueError(f"unknown action {text!r}: expected none, reboot or replace") from None
+from .action import NodeAction
 
 
 @dataclass(frozen=True)

@@ -79,21 +79,41 @@ def _default_thresholds() -> Dict[str, Threshold]:
             "HUNG_TASK": Threshold(count=3, window_seconds=900)}
 
 
+def _default_shared_cause_codes() -> List[str]:
+    # Faults one outside event raises on many nodes at once: a storage server stall (hung
+    # tasks, filesystems gone or read-only), a leaf switch reboot (IB ports), one user's job
+    # exhausting memory on every node it runs on (system OOM). Issue 9, defect 8.
+    return ["HUNG_TASK", "OOM_SYSTEM", "FS_ERROR", "FS_READONLY", "FS_READ_ONLY", "FS_MISSING",
+            "IB_PORT_DOWN", "IB_PORT_MISSING", "IB_LINK_FLAPPING"]
+
+
+@dataclass
+class SharedCauseConfig:
+    """The cluster-wide budget for faults with a possible outside cause: before failing
+    its node for one of `codes`, an agent counts the nodes of its partitions that already
+    carry the same code in their Action: reason (Slurm is the shared state) and only
+    reports when `max_percent` of a partition (at least one node) already does."""
+    codes: List[str] = field(default_factory=_default_shared_cause_codes)
+    max_percent: float = 10.0
+
+    def validate(self) -> None:
+        if not 0 < self.max_percent <= 100:
+            raise ValueError("shared_cause.max_percent must be in (0, 100]")
+
+
 @dataclass
 class PolicyConfig:
     default_state: str = "fail"               # fail (jobs finish) | drain | down (jobs killed now)
-    escalation_window_seconds: float = 86400  # reboot-class fault again within this after a reboot → Replace
     log_repeat_seconds: float = 300           # the same finding is logged at most once per this
     thresholds: Dict[str, Threshold] = field(default_factory=_default_thresholds)
     slurm_state: Dict[str, str] = field(default_factory=dict)  # finding code -> fail|drain|down
+    shared_cause: SharedCauseConfig = field(default_factory=SharedCauseConfig)
 
     def validate(self) -> None:
         for where, state in [("default_state", self.default_state)] + [
                 (f"slurm_state.{code}", s) for code, s in self.slurm_state.items()]:
             if state not in SLURM_STATES:
                 raise ValueError(f"{where} {state!r}: expected one of {', '.join(SLURM_STATES)}")
-        if self.escalation_window_seconds < 0:
-            raise ValueError("escalation_window_seconds must be >= 0")
 
 
 @dataclass

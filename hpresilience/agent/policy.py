@@ -5,30 +5,30 @@ active until a decision that includes them has been applied (or made moot),
 and are journaled so an agent restart or an unreachable slurmctld loses none.
 NVML/system findings are *states*: re-reported by their monitor on every pass.
 
-Escalation (BRIEF §6): a reboot-class fault on a node that was already marked
-for a reboot-class fault within `escalation_window_seconds`, and has booted
-since, becomes Replace: the reboot did not fix it.
+The agent reports the action each fault asks for and never escalates: the
+controller, which did the reboot, is the one owner of escalation (issue 9; the
+agent's own escalation by component turned an OOM after an unrelated XID reboot
+into a replacement). The reason carries the fault ([CODE@entity]) so the
+controller can tell the same fault returning from a new one.
 """
 from __future__ import annotations
 
+import itertools
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Deque, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 import structlog
 
 from ..finding import Finding, NodeAction
+from ..slurm.reason import ActionReason, Fault
 from ..statefile import read_json, write_json
 from .config import PolicyConfig
 from .node import STAMP_SLACK_SECONDS
 
 log = structlog.get_logger(__name__)
 
-# Boot times in the history come from /proc/uptime at different moments: allow jitter.
-BOOT_TIME_TOLERANCE = 30.0
-HISTORY_LIMIT = 200
 
 
 @dataclass
@@ -36,27 +36,20 @@ class Decision:
     action: NodeAction
     findings: List[Finding]          # what justifies it, most severe first
     slurm_state: str
-    escalated: bool = False
 
     @property
     def detail(self) -> str:
-        """Short human text for the Slurm reason after 'Action: X; '."""
+        """Short human text for the Slurm reason after 'Action: X; [CODE@entity] '."""
         text = self.findings[0].message
         others = len({f.key for f in self.findings}) - 1
         if others > 0:
             text += f" (+{others} more)"
-        if self.escalated:
-            text += "; again after reboot"
         return text
 
-
-@dataclass
-class HistoryRecord:
-    at: float
-    action: str
-    code: str
-    component: str
-    boot_time: float
+    @property
+    def reason(self) -> ActionReason:
+        top = self.findings[0]
+        return ActionReason(self.action, self.detail, Fault(top.code, top.entity))
 
 
 @dataclass
@@ -65,19 +58,13 @@ class Policy:
     state_dir: Path
     clock: Callable[[], float] = time.time
     _events: Dict[str, Finding] = field(default_factory=dict)
-    _seen: Dict[str, Deque[float]] = field(default_factory=dict)
+    _seen: Dict[str, Dict[str, float]] = field(default_factory=dict)
     _logged: Dict[str, float] = field(default_factory=dict)
-    history: List[HistoryRecord] = field(default_factory=list)
+    _occurrence: Iterator[int] = field(default_factory=itertools.count)
 
     def __post_init__(self) -> None:
         self._events_file = self.state_dir / "pending-events.json"
-        self._history_file = self.state_dir / "history.json"
         # A damaged journal loses what it cannot say, record by record, never the daemon.
-        for raw in _records(read_json(self._history_file, []), self._history_file):
-            try:
-                self.history.append(HistoryRecord(**raw))
-            except TypeError as e:
-                log.warning("policy.history_record_dropped", error=str(e))
         for raw in _records(read_json(self._events_file, []), self._events_file):
             try:
                 finding = Finding.from_dict(raw)
@@ -129,58 +116,36 @@ class Policy:
         if threshold is None or threshold.count <= 1:
             return True
         now = finding.observed_at
-        # Counted by code, not device: three OOM kills of three different processes are three OOMs.
-        seen = self._seen.setdefault(finding.code, deque(maxlen=threshold.count))
-        seen.append(now)
-        while seen and seen[0] < now - threshold.window_seconds:
-            seen.popleft()
+        # Counted by code, one count per device within the window: three OOM kills of three
+        # processes are three OOMs, but a hung task the kernel re-reports every 120 s (an NFS
+        # or Lustre stall) is one (issue 9, defect 8). Times are the kernel's own (defect 10).
+        seen = self._seen.setdefault(finding.code, {})
+        # Without a device every line is its own occurrence.
+        key = finding.key if finding.entity else f"{finding.key}#{next(self._occurrence)}"
+        seen[key] = max(now, seen.get(key, now))
+        for key in [k for k, at in seen.items() if at < now - threshold.window_seconds]:
+            del seen[key]
         return len(seen) >= threshold.count
 
     # -------------------------------------------------------------- decision
-    def decide(self, state_findings: Iterable[Finding], boot_time: float) -> Optional[Decision]:
+    def decide(self, state_findings: Iterable[Finding]) -> Optional[Decision]:
         candidates = [f for f in list(self._events.values()) + list(state_findings) if f.action is not NodeAction.NONE]
         if not candidates:
             return None
         candidates.sort(key=lambda f: (-f.action.rank, f.observed_at))
         top = candidates[0]
-        action, escalated = top.action, False
-        if action is NodeAction.REBOOT and self._rebooted_for_this_recently(top.component, boot_time):
-            action, escalated = NodeAction.REPLACE, True
         state = next((f.slurm_state or self.config.slurm_state.get(f.code) for f in candidates
                       if f.action is top.action and (f.slurm_state or f.code in self.config.slurm_state)), None)
-        return Decision(action, candidates, state or self.config.default_state, escalated)
-
-    def _rebooted_for_this_recently(self, component: str, boot_time: float) -> bool:
-        """The same kind of fault (GPU, memory, kernel, ...) came back after a reboot.
-        A different one is a new fault: a hung task after an XID reboot is no reason
-        to replace the node."""
-        now = self.clock()
-        return any(
-            r.action in (NodeAction.REBOOT.value, NodeAction.REPLACE.value)
-            and r.component == component
-            and now - r.at <= self.config.escalation_window_seconds
-            and r.boot_time < boot_time - BOOT_TIME_TOLERANCE
-            for r in self.history
-        )
+        return Decision(top.action, candidates, state or self.config.default_state)
 
     # --------------------------------------------------------------- outcome
-    def resolved(self, decision: Decision, applied: bool, boot_time: float) -> None:
-        """The decision is settled (applied, or moot); its events are done.
-        `applied` records it in the history that drives escalation."""
+    def resolved(self, decision: Decision) -> None:
+        """The decision is settled (applied, or moot); its events are done."""
         keys = {f.key for f in decision.findings}
         if any(k in self._events for k in keys):
             for key in keys:
                 self._events.pop(key, None)
             self._save_events()
-        if applied:
-            top = decision.findings[0]
-            self.history.append(HistoryRecord(self.clock(), decision.action.value, top.code, top.component,
-                                              boot_time))
-            self.history = self.history[-HISTORY_LIMIT:]
-            try:
-                write_json(self._history_file, [r.__dict__ for r in self.history])
-            except OSError as e:
-                log.error("policy.journal_write_failed", path=str(self._history_file), error=str(e))
 
     @property
     def pending_events(self) -> List[Finding]:

@@ -73,8 +73,7 @@ def resume(config_path: Optional[Path]) -> None:
 def repaired(config_path: Optional[Path], node: str) -> None:
     """spare-pool: NODE is repaired; put it back into the spare pool."""
     from ..controller.providers import SparePoolProvider
-    from ..controller.workflow import GAVE_UP_PREFIX
-    from ..slurm import NodeState, SlurmError
+    from ..slurm import NodeState, ReasonOwner, SlurmError
     config = load_config(config_path)
     if config.provider.type != "spare-pool":
         click.echo(f"provider is {config.provider.type!r}, not spare-pool: resume the node with scontrol", err=True)
@@ -82,7 +81,7 @@ def repaired(config_path: Optional[Path], node: str) -> None:
     gateway = make_gateway(config)
     try:
         current = gateway.node(node)
-        if current.reason and not current.reason.startswith(GAVE_UP_PREFIX) and current.action_reason is None:
+        if current.reason_owner is ReasonOwner.FOREIGN:
             click.echo(f"{node} has a reason we did not write ({current.reason!r}); clear it first", err=True)
             sys.exit(1)
         SparePoolProvider(config.provider, gateway).add(node)

@@ -12,7 +12,8 @@ from typing import Any, Optional
 
 import click
 
-from ..slurm import Action, ActionReason, NodeState, SlurmError, SlurmGateway
+from ..action import NodeAction
+from ..slurm import ActionReason, NodeState, SlurmError, SlurmGateway
 
 
 def _jsonable(value: Any) -> Any:
@@ -89,7 +90,7 @@ def mark(node: str, action: str, detail: str, state: str) -> None:
     """Take NODE out of service with an 'Action: Reboot|Replace' reason.
 
     Refuses when the node already carries a reason hpresilience did not write."""
-    reason = ActionReason(Action.parse(action), detail)
+    reason = ActionReason(NodeAction.parse(action), detail)
     try:
         SlurmGateway().mark_action(node, reason, NodeState(state.upper()))
     except SlurmError as e:

@@ -25,7 +25,8 @@ from .journal import Journal, JournalError
 from .leader import LeaderLock
 from .metrics import ControllerMetrics
 from .providers import make_provider
-from .workflow import PassReport, Reconciler, Step
+from .reconcile import PassReport, Reconciler
+from .workflow import Step
 
 log = structlog.get_logger(__name__)
 

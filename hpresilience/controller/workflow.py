@@ -1,54 +1,59 @@
-"""The per-node remediation workflow and the reconcile pass that drives it.
-
-A pass reads every node once (one `scontrol -o show node`), picks up nodes
-that carry an ``Action:`` reason (or are unresponsive past a grace period) and
-moves each active workflow on by at most one step:
+"""The per-node remediation workflow: its steps, each moving a journaled workflow on.
 
     drain ─┬─ reboot ──────→ await_boot ─┐
            ├─ replace ─────→ await_node ─┼─→ verify ─→ release ─→ done
            └─ power_cycle ─→ await_boot ─┘
 
-- drain: jobs leave (FAIL/DRAIN let them finish; DOWN has none); the
-  concurrency limits and the circuit breaker gate leaving this step.
+- drain: jobs leave (FAIL/DRAIN let them finish; DOWN has none); the reconcile
+  pass (reconcile.py) gates leaving this step with the limits and the breaker.
 - reboot / replace / power_cycle: the step is journaled *before* its side
   effect (scontrol reboot, a provider call) and the facts needed to recognise
-  completion (BootTime before, provider notes) go with it, so a controller
+  completion (BootTime before, provider facts) go with it, so a controller
   killed at any point neither repeats nor forgets it.
 - a maintenance reservation (MAINT, users: the controller's user) is put on the
   node before any side effect and removed last, so no user job lands on it
   between a reboot and the verdict of its own check.
 - verify: the node's own check (`hpresilience check`) runs on it through Slurm
-  (srun -w NODE in that reservation); exit 0 → release; exit 1 → escalate
-  (reboot → replace) or give up; the check not running at all is retried.
+  (srun -w NODE in that reservation).
+- every step first re-reads the node and honours its newest reason
+  (verdict.reason_change, issue 9): someone else's reason ends the workflow; an
+  upgrade to Replace switches it to a replacement; a fault flagged after the
+  workflow's own is never cleared by it.
+
+Escalation has one owner, `Steps.escalation` (issue 9): Reboot becomes Replace only
+when the same fault (code and device) returns on the same node after a reboot, or
+when the reboot itself does not happen (refused, no new boot).
 
 Giving up leaves the node DRAINed with a reason starting ``hpresilience:`` that
 says why and names the workflow: no longer an ``Action:`` reason, so neither the
 controller nor the agent loops on it; a human takes over.
+
+Steps run in the pass thread or in a worker thread (provider calls, verify). They
+change only Slurm and the journal (which has its own lock), never the pass's
+in-memory state: the pass re-reads the journal (issue 9, defect 13).
 """
 from __future__ import annotations
 
-import datetime as dt
 import enum
-import math
 import os
 import pwd
 import re
 import signal
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional
 
 import structlog
 
-from ..slurm import Node, SlurmCommandError, SlurmError, SlurmGateway, SlurmUnavailable
+from ..action import NodeAction
+from ..slurm import Node, SlurmCommandError, SlurmGateway, SlurmUnavailable
 from ..slurm.gateway import NodeState
 from ..slurm.models import StepResult
-from ..slurm.reason import AUTO_RESUME_MARK, EXPEDITE_MARK, Action, format_reason, parse_reason, sanitize_reason
+from ..slurm.reason import GAVE_UP_PREFIX, Fault, ReasonOwner, format_reason, parse_reason, sanitize_reason
 from .config import ControllerConfig, expand_argv
 from .journal import Journal, Workflow
 from .metrics import ControllerMetrics
 from .providers import Provider, ProviderError, ProviderInterrupted
+from .verdict import Change, check_verdict, reason_change, summary, ts
 
 log = structlog.get_logger(__name__)
 
@@ -56,13 +61,9 @@ log = structlog.get_logger(__name__)
 BOOT_JITTER_SECONDS = 2.0
 # A check that could not run (srun error, timeout, exit 2) is tried this many times.
 VERIFY_ATTEMPTS = 3
-# Reasons Slurm itself writes as a consequence of a reboot or of a node going
-# silent. While a workflow owns a node past `drain` they are expected, not
-# someone else's.
-SLURM_REASONS = ("reboot issued", "reboot requested", "reboot asap", "reboot timed out", "reboot complete",
-                 "node unexpectedly rebooted", "not responding", "power_down", "powered down")
-GAVE_UP_PREFIX = "hpresilience:"
-PAUSED_LOG_EVERY_SECONDS = 60.0
+# `hpresilience check` prints one line per finding: "REBOOT   XID_79 [GPU 3 (0000:b9:00.0)]: message".
+_CHECK_FINDING_RE = re.compile(r"^(?P<action>NONE|REBOOT|REPLACE)\s+(?P<code>[A-Z][A-Z0-9_]*)"
+                               r"(?: \[(?P<entity>[^\[\]]*)\])?: ", re.MULTILINE)
 
 
 class Step(str, enum.Enum):
@@ -77,348 +78,203 @@ class Step(str, enum.Enum):
     DONE = "done"
 
 
-REBOOT, REPLACE, POWER_CYCLE = "reboot", "replace", "power_cycle"
-FIRST_EFFECT = {REBOOT: Step.REBOOT, REPLACE: Step.REPLACE, POWER_CYCLE: Step.POWER_CYCLE}
+FIRST_EFFECT = {NodeAction.REBOOT: Step.REBOOT, NodeAction.REPLACE: Step.REPLACE,
+                NodeAction.POWER_CYCLE: Step.POWER_CYCLE}
+# Steps that run in a worker thread: they wait on a provider or on the node's check.
+WORKER_STEPS = (Step.REPLACE, Step.POWER_CYCLE, Step.VERIFY)
+# Facts of one remedy attempt: cleared when a workflow escalates, so the provider and the
+# check of the replacement start afresh (defect 11: `powered_up` of a power cycle survived
+# the escalation and the power-save provider never replaced).
+ATTEMPT_FACTS = {"provider_facts": {}, "resumed_at": None, "verify_attempts": 0}
 
 
-def is_slurm_reason(reason: Optional[str]) -> bool:
-    """A reason Slurm wrote because of a reboot or silence (see SLURM_REASONS).
+def workflow_fault(wf: Workflow) -> Optional[Fault]:
+    """The fault a workflow was opened for (from its reason's [CODE@entity] tag), if known."""
+    ours = parse_reason(wf.reason)
+    return ours.fault if ours is not None else None
 
-    >>> is_slurm_reason("Node unexpectedly rebooted"), is_slurm_reason("bad fan")
-    (True, False)
+
+def check_faults(output: str) -> List[tuple]:
+    """(action, Fault) of every finding line `hpresilience check` printed.
+
+    >>> check_faults("REBOOT   XID_79 [GPU 3 (0000:b9:00.0)]: fell off\\nhealthy")
+    [('REBOOT', Fault(code='XID_79', entity='GPU 3 (0000:b9:00.0)'))]
     """
-    text = (reason or "").strip().lower()
-    return any(text.startswith(r) for r in SLURM_REASONS)
+    return [(m["action"], Fault(m["code"], m["entity"] or None)) for m in _CHECK_FINDING_RE.finditer(output)]
 
 
-def is_unresponsive(node: Node) -> bool:
-    """A silent node nobody has claimed: no reason, or only Slurm's own."""
-    if not node.flags & {"NOT_RESPONDING"} or node.flags & {"POWERED_DOWN", "POWERING_DOWN", "POWERING_UP"}:
-        return False
-    return not node.reason or is_slurm_reason(node.reason)
+class Steps:
+    """Every step of a workflow; one call moves one workflow on by at most one step."""
 
-
-def _summary(output: str) -> str:
-    r"""The check's first finding line, short enough for a Slurm reason.
-
-    >>> _summary("REBOOT XID_79 [GPU 3]: fell off the bus\nsrun: error: n3: task 0: Exited with exit code 1\n")
-    'REBOOT XID_79 [GPU 3]: fell off the bus'
-    """
-    lines = [line for line in output.splitlines() if line.strip() and not line.startswith("srun:")]
-    return sanitize_reason(lines[0] if lines else output, 120)
-
-
-def check_verdict(result: StepResult) -> str:
-    """healthy | unhealthy | not_run. srun exits 1 for its own errors too (bad
-    partition, node gone), so "unhealthy" needs srun's word that the task itself
-    exited 1 (`hpresilience check`: 1 = findings, 2 = could not look).
-
-    >>> check_verdict(StepResult(1, "XID 79\\nsrun: error: n3: task 0: Exited with exit code 1"))
-    'unhealthy'
-    >>> check_verdict(StepResult(1, "srun: error: Unable to allocate resources: Invalid partition name specified"))
-    'not_run'
-    """
-    if result.returncode == 0:
-        return "healthy"
-    if result.returncode == 1 and re.search(r"task \d+: Exited with exit code 1\b", result.output):
-        return "unhealthy"
-    return "not_run"
-
-
-def _ts(when: Optional[dt.datetime]) -> Optional[float]:
-    return when.timestamp() if when is not None else None
-
-
-@dataclass(frozen=True)
-class Candidate:
-    node: Node
-    action: str
-    reason: str
-    detected_at: float
-
-
-@dataclass
-class PassReport:
-    nodes: int = 0
-    flagged: int = 0
-    started: List[str] = field(default_factory=list)
-    active: int = 0
-    paused: bool = False
-    seconds: float = 0.0
-
-
-class Reconciler:
     def __init__(self, config: ControllerConfig, gateway: SlurmGateway, journal: Journal, provider: Provider,
-                 executor: Optional[ThreadPoolExecutor] = None, clock: Callable[[], float] = time.time,
-                 metrics: Optional[ControllerMetrics] = None, heartbeat: Callable[[], None] = lambda: None):
+                 clock: Callable[[], float] = time.time, metrics: Optional[ControllerMetrics] = None):
         self.config = config
-        # Called between workflows: a pass of many slow Slurm calls still pings systemd's watchdog.
-        self.heartbeat = heartbeat
-        self.metrics = metrics or ControllerMetrics()
         self.gateway = gateway
         self.journal = journal
         self.provider = provider
-        # Threads start only when needed; the limits, not the pool, bound the work in flight
-        # (sized generously so raising max_concurrent by SIGHUP is not capped by it).
-        self.executor = executor or ThreadPoolExecutor(max_workers=max(32, 2 * config.limits.max_concurrent),
-                                                       thread_name_prefix="hpr-step")
         self.clock = clock
+        self.metrics = metrics or ControllerMetrics()
         self.user = pwd.getpwuid(os.geteuid()).pw_name
-        self.inflight: Dict[str, Future] = {}
-        self.first_silent: Dict[str, float] = {}
-        self.recommended: Dict[str, str] = {}
-        self.last_paused_log = 0.0
-        self.partition_sizes: Dict[str, int] = {}
-        self.remediating: Dict[str, Set[str]] = {}   # workflow node -> its partitions, past `drain`
         # Fault injection for the crash tests in tests/integration/test_controller.py:
         # SIGKILL ourselves at a named point, e.g. "enter:reboot" or "effect:replace".
         self.crash_at = os.environ.get("HPR_TEST_CRASH_AT", "")
 
-    # ------------------------------------------------------------------ pass
-    @property
-    def automatic(self) -> bool:
-        return self.config.controller.mode == "automatic" and not self.config.controller.dry_run
+    # ----------------------------------------------------------- escalation
+    def escalation(self, node: str, action: NodeAction, fault: Optional[Fault], now: float) -> Optional[str]:
+        """Why a new Reboot workflow starts as a replacement, or None: the same fault
+        (code and device) flagged again on this node within `refault_window_seconds` of a
+        completed reboot of it. Any other fault, or one whose identity is unknown (an
+        admin's bare `Action: Reboot`), is a new fault: no escalation (issue 9, defect 8)."""
+        if action is not NodeAction.REBOOT or fault is None:
+            return None
+        window = self.config.workflow.refault_window_seconds
+        for past in reversed(self.journal.history(node=node)):
+            if (past.action == NodeAction.REBOOT.value and past.status == "done" and past.finished_at
+                    and now - past.finished_at < window and workflow_fault(past) == fault):
+                return f"{fault} flagged again {now - past.finished_at:.0f}s after its reboot"
+        return None
 
-    def run_pass(self) -> PassReport:
-        started = time.monotonic()
-        now = self.clock()
-        report = PassReport()
-        self._reap()
-        nodes = self.gateway.nodes()
-        by_name = {n.name: n for n in nodes}
-        report.nodes = len(nodes)
-        self.partition_sizes = {}
-        for n in nodes:
-            for p in n.partitions:
-                self.partition_sizes[p] = self.partition_sizes.get(p, 0) + 1
-        active = {wf.node: wf for wf in self.journal.active()}
-        candidates = self._candidates(nodes, active, now)
-        report.flagged = len(candidates) + len(active)
-        breaker = self.journal.breaker()
-        if not breaker.tripped and self.config.breaker.enabled and self.automatic:
-            recent = self._recent_flags(candidates, now, breaker.reset_at)
-            if len(recent) > self.config.breaker.max_new:
-                detail = (f"{len(recent)} nodes flagged within {self.config.breaker.window_seconds:g}s "
-                          f"(limit {self.config.breaker.max_new}): {', '.join(sorted(recent)[:20])}")
-                self.journal.trip_breaker(detail)
-                log.error("controller.breaker_tripped", detail=detail,
-                          hint="automatic action paused; run `hpresilience controller resume` once understood")
-                breaker = self.journal.breaker()
-        report.paused = breaker.tripped
-        if breaker.tripped and now - self.last_paused_log >= PAUSED_LOG_EVERY_SECONDS:
-            self.last_paused_log = now
-            log.error("controller.paused", detail=breaker.detail, since=breaker.tripped_at,
-                      hint="run `hpresilience controller resume` to let automatic action continue")
-        if not self.automatic:
-            self._recommend(candidates)
-            report.active = len(active)
-            report.seconds = time.monotonic() - started
-            return report
-        self._expedite_requeued()
-        if not breaker.tripped:
-            for c in candidates:
-                wf = self._open(c, now)
-                active[wf.node] = wf
-                report.started.append(wf.node)
-        self.remediating = {wf.node: set(by_name[wf.node].partitions) if wf.node in by_name else set()
-                            for wf in active.values() if wf.step != Step.DRAIN}
-        for wf in active.values():
-            if wf.node in self.inflight:
-                continue
-            self.heartbeat()
-            try:
-                self._advance(wf, by_name.get(wf.node), now, paused=breaker.tripped)
-            except SlurmError as e:
-                # slurmctld away, a refused command: the step is retried next pass.
-                log.warning("controller.step_error", node=wf.node, step=wf.step, error=str(e))
-        report.active = len(self.journal.active())
-        report.seconds = time.monotonic() - started
-        return report
-
-    def _expedite_requeued(self) -> None:
-        """`srun --auto-resume` requeued a job and marked its Comment (or Slurm requeued an
-        auto-resume job whose batch host died): make it eligible now rather than after
-        Slurm's requeue delay (~121 s before 25.11). The auto-resume runner cannot do it
-        itself: the requeue kills it."""
-        try:
-            pending = self.gateway.pending_jobs()
-        except SlurmError as e:
-            log.warning("controller.expedite_failed", error=str(e))
-            return
-        for job in pending:
-            requeued_auto_resume = AUTO_RESUME_MARK in job.comment and job.restart_count > 0
-            if job.reason != "BeginTime" or not (EXPEDITE_MARK in job.comment or requeued_auto_resume):
-                continue
-            rest = " ".join(job.comment.replace(EXPEDITE_MARK, " ").split())
-            try:
-                self.gateway.update_job(job.job_id, now=True, comment=rest)
-            except SlurmError as e:
-                log.warning("controller.expedite_failed", job=job.job_id, error=str(e))
-                continue
-            log.info("controller.expedited", job=job.job_id, detail="requeued by auto-resume; eligible now")
-
-    def _reap(self) -> None:
-        for node, future in list(self.inflight.items()):
-            if future.done():
-                del self.inflight[node]
-                error = future.exception()
-                if error is not None:
-                    log.error("controller.worker_error", node=node, error=f"{type(error).__name__}: {error}")
-
-    def _candidates(self, nodes: List[Node], active: Dict[str, Workflow], now: float) -> List[Candidate]:
-        found = []
-        for node in nodes:
-            if node.name in active:
-                continue
-            ours = node.action_reason
-            if ours is not None:
-                self.first_silent.pop(node.name, None)
-                if node.is_drained or node.is_down:
-                    found.append(Candidate(node, ours.action.value.lower(), node.reason or "",
-                                           _ts(node.reason_time) or now))
-                continue
-            if not is_unresponsive(node):
-                self.first_silent.pop(node.name, None)
-                continue
-            since = _ts(node.reason_time) if node.reason else None
-            since = since or self.first_silent.setdefault(node.name, now)
-            if (self.config.workflow.power_cycle_unresponsive and self.provider.can_power_cycle
-                    and now - since >= self.config.workflow.unresponsive_grace_seconds):
-                found.append(Candidate(node, POWER_CYCLE, node.reason or "Not responding", since))
-        return [c for c in found if not self._already_handled(c)]
-
-    def _already_handled(self, c: Candidate) -> bool:
-        """The same flagging (same reason set at the same time) already had a workflow
-        that finished: e.g. an admin resumed the node meanwhile and set it again unchanged
-        would carry a new time. Prevents a loop on a node we gave up on."""
-        past = self.journal.history(node=c.node.name)
-        return bool(past) and past[-1].data.get("reason_time") == c.detected_at and past[-1].reason == c.reason
-
-    def _recent_flags(self, candidates: List[Candidate], now: float, reset_at: Optional[float]) -> Set[str]:
-        floor = max(now - self.config.breaker.window_seconds, reset_at or 0.0)
-        recent = {wf.node for wf in self.journal.history(since=floor) if wf.detected_at >= floor}
-        return recent | {c.node.name for c in candidates if c.detected_at >= floor}
-
-    def _recommend(self, candidates: List[Candidate]) -> None:
-        for c in candidates:
-            if self.recommended.get(c.node.name) == c.reason:
-                continue
-            self.recommended[c.node.name] = c.reason
-            detail = {"action": c.action, "reason": c.reason, "state": c.node.state_text,
-                      "mode": self.config.controller.mode, "dry_run": self.config.controller.dry_run}
-            self.journal.record(c.node.name, "recommendation", detail)
-            log.warning("controller.recommend", node=c.node.name, **detail,
-                        next=f"{'wait for jobs, then ' if c.node.is_busy else ''}{c.action}")
-
-    def _open(self, c: Candidate, now: float) -> Workflow:
-        action = c.action
-        data = {"reason_time": c.detected_at, "step_at": now}
-        if action == REBOOT:
-            done = [wf.finished_at for wf in self.journal.history(node=c.node.name)
-                    if wf.action == REBOOT and wf.status == "done" and wf.finished_at]
-            if done and now - done[-1] < self.config.workflow.refault_window_seconds:
-                action = REPLACE
-                data["escalated"] = f"flagged for reboot again {now - done[-1]:.0f}s after the last reboot"
-        wf = self.journal.open_workflow(c.node.name, action, c.reason, Step.DRAIN.value, c.detected_at, data)
-        self.metrics.started.labels(wf.action).inc()
-        log.info("controller.workflow_started", node=wf.node, workflow=wf.id, action=wf.action, reason=c.reason,
-                 escalated=data.get("escalated"))
-        return wf
-
-    # ------------------------------------------------------------------ steps
-    def _advance(self, wf: Workflow, node: Optional[Node], now: float, paused: bool) -> None:
+    # ------------------------------------------------------------- dispatch
+    def advance(self, wf: Workflow, node: Optional[Node], now: float) -> Optional[Workflow]:
+        """One step of `wf` in the pass thread. Returns the workflow when the pass must go
+        on with it: in drain (the pass gates leaving it) or at a worker step (the pass
+        submits it); else None."""
         if node is None:
-            self._finish(wf, "abandoned", "node is no longer in Slurm's configuration")
-            return
-        if self._foreign(wf, node):
-            self._abandon_to_someone_else(wf, node)
-            return
+            self.finish(wf, "abandoned", "node is no longer in Slurm's configuration")
+            return None
+        wf = self._honour_newest_reason(wf, node)
+        if wf is None:
+            return None
         step = Step(wf.step)
         if step is Step.DRAIN:
-            self._drain(wf, node, now, paused)
-        elif step is Step.REBOOT:
-            self._reboot(wf, node)
+            return wf if self.drain_ready(wf, node, now) else None
+        if step is Step.REBOOT:
+            self.reboot(wf, node)
         elif step in (Step.AWAIT_BOOT, Step.AWAIT_NODE):
-            self._await(wf, node, now)
-        elif step in (Step.REPLACE, Step.POWER_CYCLE, Step.VERIFY):
-            work = self._provider_step if step is not Step.VERIFY else self._verify
-            self.inflight[wf.node] = self.executor.submit(self._guarded, work, wf)
+            self.await_node(wf, node, now)
         elif step is Step.RELEASE:
-            self._release(wf)
+            self.release(wf)
+        elif step in WORKER_STEPS:
+            return wf
+        return None
 
-    def _foreign(self, wf: Workflow, node: Node) -> bool:
-        """Someone else (an admin, NHC) put their reason on the node: hands off."""
-        if not node.reason or node.action_reason is not None:
-            return False
-        if wf.step != Step.DRAIN or wf.action == POWER_CYCLE:
-            return not is_slurm_reason(node.reason) and not node.reason.startswith(GAVE_UP_PREFIX)
-        return True
+    def _honour_newest_reason(self, wf: Workflow, node: Node) -> Optional[Workflow]:
+        """Issue 9: the node's reason as it is now decides before any step acts."""
+        change = reason_change(wf.data, wf.action, node)
+        if change is Change.FOREIGN:
+            self._hand_off(wf, node)
+            return None
+        if change is Change.NONE:
+            return wf
+        step = Step(wf.step)
+        if change is Change.UPGRADE:
+            # Defect 3: a Replace raised while a Reboot waited was lost.
+            if step is Step.DRAIN:
+                log.warning("controller.upgrade", node=node.name, workflow=wf.id, reason=node.reason)
+                return self.journal.advance(wf.id, wf.step, wf.step, self._seen(node, reason=node.reason or wf.reason),
+                                            action=NodeAction.REPLACE.value)
+            if step in (Step.REBOOT, Step.AWAIT_BOOT, Step.POWER_CYCLE, Step.VERIFY, Step.RELEASE):
+                self.escalate(wf, node, f"flagged for replacement: {node.reason}", write_reason=False)
+                return None
+            return self._accept(wf, node)
+        # A fresh fault flagged after the workflow's own.
+        if step in (Step.DRAIN, Step.REBOOT, Step.REPLACE, Step.AWAIT_NODE, Step.POWER_CYCLE):
+            return self._accept(wf, node)  # the remedy still to come covers it
+        if step is Step.AWAIT_BOOT:
+            return self._accept(wf, node)  # flagged while rebooting: looked at once it is back
+        self._fault_after_remedy(wf, node, f"flagged again: {node.reason}",
+                                 [(a.action.value.upper(), a.fault)] if (a := node.action_reason) else [])
+        return None
 
-    def _abandon_to_someone_else(self, wf: Workflow, node: Node) -> None:
+    def _accept(self, wf: Workflow, node: Node) -> Optional[Workflow]:
+        return self.journal.note(wf.id, wf.step, self._seen(node))
+
+    @staticmethod
+    def _seen(node: Node, reason: Optional[str] = None) -> Dict[str, object]:
+        return {"seen_reason": reason or node.reason, "seen_time": ts(node.reason_time)}
+
+    def _fault_after_remedy(self, wf: Workflow, node: Node, why: str, found: List[tuple]) -> None:
+        """After the remedy, a fault is there (the check found it, or it was flagged again).
+        The same fault returning escalates a reboot; a new fault is not ours to clear: this
+        workflow ends and, if the fault is on the node as an Action: reason, the next pass
+        opens a workflow for it; otherwise a human looks."""
+        fault = workflow_fault(wf)
+        same = fault is not None and any(f == fault for _, f in found)
+        harsher = any(a == "REPLACE" for a, _ in found)
+        if wf.action != NodeAction.REPLACE.value and (same or harsher):
+            self.escalate(wf, node, f"after {wf.action}: {why}")
+        elif node.action_reason is not None and not same and reason_change(wf.data, wf.action, node) is not Change.NONE:
+            self.finish(wf, "done", f"superseded by a new fault: {node.reason}")
+        else:
+            self.give_up(wf, node, f"after {wf.action}: {why}")
+
+    def _hand_off(self, wf: Workflow, node: Node) -> None:
         log.warning("controller.hands_off", node=node.name, workflow=wf.id, reason=node.reason,
                     detail="someone else set this reason; the workflow stops and the node is theirs")
         self._drop_reservation(node.name)
-        self._finish(wf, "abandoned", f"reason changed to {node.reason!r} by someone else")
+        self.finish(wf, "abandoned", f"reason changed to {node.reason!r} by someone else")
 
-    def _drain(self, wf: Workflow, node: Node, now: float, paused: bool) -> None:
+    # ---------------------------------------------------------------- steps
+    def drain_ready(self, wf: Workflow, node: Node, now: float) -> bool:
+        """Still in drain: True once the node's jobs are gone (or the drain timed out and
+        the node was set DOWN). False while waiting or when the workflow ended."""
         if node.action_reason is None and not node.reason and (node.available or node.is_busy):
-            self._finish(wf, "abandoned", "returned to service by someone else")
-            return
+            self.finish(wf, "abandoned", "returned to service by someone else")
+            return False
         if node.is_busy and not node.is_down:
             timeout = self.config.workflow.drain_timeout_seconds
             if not timeout or now - wf.data.get("step_at", now) < timeout:
-                return
-            log.warning("controller.drain_timeout", node=node.name, seconds=timeout)
-            self.gateway.set_state(node.name, NodeState.DOWN, node.reason or wf.reason)  # kills the jobs
-            self.journal.record(node.name, "drain_timeout", {"seconds": timeout}, wf.id)
-            return
-        if paused or not self._limits_allow(node):
-            return
-        if wf.action == REPLACE and not self.provider.can_replace:
-            self._give_up(wf, node, f"replacement needed but provider {self.provider.name!r} cannot replace")
-            return
-        if wf.action == POWER_CYCLE and not self.provider.can_power_cycle:
-            self._give_up(wf, node, f"power cycle needed but provider {self.provider.name!r} cannot")
-            return
-        nxt = FIRST_EFFECT[wf.action]
-        moved = self._to(wf, nxt, {"boot_before": _ts(node.boot_time)})
-        if moved is not None:
-            self.remediating[wf.node] = set(node.partitions)
-            if nxt is Step.REBOOT:
-                self._reboot(moved, node)
-            else:
-                self.inflight[wf.node] = self.executor.submit(self._guarded, self._provider_step, moved)
-
-    def _limits_allow(self, node: Node) -> bool:
-        limits = self.config.limits
-        if len(self.remediating) >= limits.max_concurrent:
-            return False
-        for p in node.partitions:
-            cap = max(1, math.floor(self.partition_sizes.get(p, 1) * limits.max_percent / 100))
-            if sum(1 for parts in self.remediating.values() if p in parts) >= cap:
                 return False
+            log.warning("controller.drain_timeout", node=node.name, seconds=timeout)
+            self._write_reason(wf, node, NodeState.DOWN, node.reason or wf.reason)  # kills the jobs
+            self.journal.record(node.name, "drain_timeout", {"seconds": timeout}, wf.id)
+            return False
         return True
 
-    def _reboot(self, wf: Workflow, node: Node) -> None:
+    def leave_drain(self, wf: Workflow, node: Node) -> Optional[Workflow]:
+        """Move to the first effect step (the pass has checked the limits); the reboot
+        itself is issued at once, a provider step is returned for a worker."""
+        action = NodeAction(wf.action)
+        if action is NodeAction.REPLACE and not self.provider.can_replace:
+            self.give_up(wf, node, f"replacement needed but provider {self.provider.name!r} cannot replace")
+            return None
+        if action is NodeAction.POWER_CYCLE and not self.provider.can_power_cycle:
+            self.give_up(wf, node, f"power cycle needed but provider {self.provider.name!r} cannot")
+            return None
+        nxt = FIRST_EFFECT[action]
+        moved = self.to(wf, nxt, {"boot_before": ts(node.boot_time)})
+        if moved is None:
+            return None
+        if nxt is Step.REBOOT:
+            self.reboot(moved, node)
+            return None
+        return moved
+
+    def reboot(self, wf: Workflow, node: Node) -> None:
         # Evidence that the reboot was already asked for (or even done) before a
         # crash: then never ask again.
         if not (node.reboot_pending or self._booted(node, wf)):
             self._reserve(node.name)
             try:
-                self.gateway.reboot(node.name, reason=self._reason(wf, Action.REBOOT), asap=True,
-                                    next_state=NodeState.RESUME)
+                # The node's own Action: reason when it has one: a fault flagged while the jobs
+                # drained is kept, not overwritten with the workflow's first reason.
+                reason = node.reason if node.action_reason is not None else self._reason(wf)
+                self.gateway.reboot(node.name, reason=reason, asap=True, next_state=NodeState.RESUME)
             except SlurmUnavailable:
                 raise  # slurmctld away: the next pass asks again
             except SlurmCommandError as e:
                 # Slurm refuses to reboot this node (e.g. no RebootProgram): it will not get better.
                 self._escalate_or_give_up(wf, node, f"scontrol reboot refused: {e.stderr or e}")
                 return
-            self._crash_point(f"effect:{Step.REBOOT.value}")
-        self._to(wf, Step.AWAIT_BOOT, {"reboot_issued_at": self.clock()})
+            self.crash_point(f"effect:{Step.REBOOT.value}")
+        moved = self.to(wf, Step.AWAIT_BOOT, {"reboot_issued_at": self.clock()})
+        if moved is not None:
+            # Our own reboot reason (same text, new time) is not someone's fresh flag.
+            self._accept(moved, self.gateway.node(node.name))
 
-    def _await(self, wf: Workflow, node: Node, now: float) -> None:
+    def await_node(self, wf: Workflow, node: Node, now: float) -> None:
         if self._booted(node, wf) and node.is_responding and not node.reboot_pending:
-            self._to(wf, Step.VERIFY, {"booted_at": _ts(node.boot_time), "verify_attempts": 0})
+            self.to(wf, Step.VERIFY, {"booted_at": ts(node.boot_time), "verify_attempts": 0})
             return
         rebooting = wf.step == Step.AWAIT_BOOT
         limit = (self.config.workflow.reboot_timeout_seconds if rebooting
@@ -429,97 +285,102 @@ class Reconciler:
         if rebooting:
             self._escalate_or_give_up(wf, node, why)
         else:
-            self._give_up(wf, node, why)
+            self.give_up(wf, node, why)
 
     def _escalate_or_give_up(self, wf: Workflow, node: Node, why: str) -> None:
         if self.provider.can_replace:
-            self._escalate(wf, node, why)
+            self.escalate(wf, node, why)
         else:
-            self._give_up(wf, node, f"{why}; replacement needed but provider {self.provider.name!r} cannot replace")
+            self.give_up(wf, node, f"{why}; replacement needed but provider {self.provider.name!r} cannot replace")
 
-    def _escalate(self, wf: Workflow, node: Node, why: str) -> None:
-        """Reboot (or power cycle) did not help: replace, same workflow."""
+    def escalate(self, wf: Workflow, node: Node, why: str, write_reason: bool = True) -> None:
+        """The reboot (or power cycle) did not help: replace, same workflow. The pass
+        submits the provider step."""
+        if not self.provider.can_replace:
+            self.give_up(wf, node, f"{why}; replacement needed but provider {self.provider.name!r} cannot replace")
+            return
         log.warning("controller.escalate", node=node.name, workflow=wf.id, why=why)
-        self._set_reason(node, format_reason(Action.REPLACE, why))
-        # Facts of the earlier attempt (its check, its provider notes) must not leak into this one.
-        moved = self._to(wf, Step.REPLACE, {"escalated": why, "boot_before": _ts(node.boot_time),
-                                            "command_started": None, "spare": None, "resumed_at": None,
-                                            "verify_attempts": 0}, action=REPLACE)
-        if moved is not None:
-            self.inflight[wf.node] = self.executor.submit(self._guarded, self._provider_step, moved)
+        if write_reason:
+            # Defect 5: re-read and refuse when someone else's reason arrived meanwhile.
+            written = self._write_reason(wf, node, NodeState.DOWN if node.is_down else NodeState.FAIL,
+                                         format_reason(NodeAction.REPLACE, why, workflow_fault(wf)))
+            if written is None:
+                return
+            node = written
+        self.to(wf, Step.REPLACE, {"escalated": why, "boot_before": ts(node.boot_time), **ATTEMPT_FACTS,
+                                   **self._seen(node)}, action=NodeAction.REPLACE.value)
 
-    def _provider_step(self, wf: Workflow) -> None:
+    def provider_step(self, wf: Workflow) -> None:
+        """A worker: the provider replaces or power-cycles the node."""
         node = wf.node
-
-        def note(facts: Dict[str, object]) -> None:
-            self.journal.note(wf.id, wf.step, dict(facts))
-
         self._reserve(node)
-        facts = dict(self.journal.workflow(wf.id).data)
+        facts = dict(self.journal.workflow(wf.id).data.get("provider_facts") or {})
+
+        def note(new: Dict[str, object]) -> None:
+            facts.update(new)
+            self.journal.note(wf.id, wf.step, {"provider_facts": dict(facts)})
+
         call = self.provider.power_cycle if wf.step == Step.POWER_CYCLE else self.provider.replace
         try:
-            result = call(node, wf.reason, facts, note)
+            result = call(node, wf.reason, dict(facts), note)
         except ProviderInterrupted as e:
             log.warning("controller.provider_interrupted", node=node, workflow=wf.id, detail=str(e))
-            self._to(wf, Step.AWAIT_NODE if wf.step == Step.REPLACE else Step.AWAIT_BOOT, {"interrupted": str(e)})
+            self.to(wf, Step.AWAIT_NODE if wf.step == Step.REPLACE else Step.AWAIT_BOOT, {"interrupted": str(e)})
             return
         except ProviderError as e:
             log.error("controller.provider_failed", node=node, workflow=wf.id, error=str(e))
-            self._give_up(wf, self.gateway.node(node), f"{self.provider.name} provider failed: {e}")
+            self.give_up(wf, self.gateway.node(node), f"{self.provider.name} provider failed: {e}")
             return
-        self._crash_point(f"effect:{wf.step}")
+        self.crash_point(f"effect:{wf.step}")
         if result.spare:
             self._finish_with_spare(wf, result.spare)
         elif wf.step == Step.REPLACE:
-            self._to(wf, Step.AWAIT_NODE, {"provider": result.detail})
+            self.to(wf, Step.AWAIT_NODE, {"provider": result.detail})
         else:
-            self._to(wf, Step.AWAIT_BOOT, {"provider": result.detail})
+            self.to(wf, Step.AWAIT_BOOT, {"provider": result.detail})
 
     def _finish_with_spare(self, wf: Workflow, spare: str) -> None:
         why = f"{GAVE_UP_PREFIX} awaiting hardware repair, replaced by {spare} (workflow {wf.id})"
         node = self.gateway.node(wf.node)
-        if not self._foreign(wf, node):
-            self.gateway.set_state(wf.node, NodeState.DRAIN, why)
+        self._write_reason(wf, node, NodeState.DRAIN, why)
         self._drop_reservation(wf.node)
-        self._finish(wf, "done", f"spare {spare} in service", {"spare": spare})
+        self.finish(wf, "done", f"spare {spare} in service", {"spare": spare})
 
-    def _verify(self, wf: Workflow) -> None:
+    def verify(self, wf: Workflow) -> None:
+        """A worker: the node's own check, through srun in our reservation."""
         node = self.gateway.node(wf.node)
-        if self._foreign(wf, node):
-            self._abandon_to_someone_else(wf, node)
+        current = self._honour_newest_reason(wf, node)
+        if current is None or current.step != wf.step:
             return
-        since = wf.data.get("resumed_at") or wf.data.get("booted_at")
-        if since and node.action_reason is not None and (_ts(node.reason_time) or 0) > float(since):
-            # Flagged again (by the agent, or an admin) since the new boot or since we
-            # returned it for the check: the fault is still there.
-            self._verification_failed(wf, node, f"flagged again: {node.reason}")
-            return
+        wf = current
         if not self.config.verify.enabled:
-            self._to(wf, Step.RELEASE, {"verified": "skipped (verify.enabled = false)"})
+            self.to(wf, Step.RELEASE, {"verified": "skipped (verify.enabled = false)"})
             return
         if not node.is_responding:
             # Registered, then silent again: wait, but not forever.
             if self.clock() - wf.data.get("step_at", self.clock()) > self.config.workflow.register_timeout_seconds:
-                self._give_up(wf, node, "not responding since its new boot")
+                self.give_up(wf, node, "not responding since its new boot")
             return
         self._reserve(node.name)
         if node.is_drained or node.is_down:
             # Inside our reservation nobody else can use it; the check needs it schedulable.
             self.gateway.set_state(node.name, NodeState.RESUME)
-            wf = self.journal.note(wf.id, wf.step, {"resumed_at": self.clock()}) or wf
+            wf = self.journal.note(wf.id, wf.step, {"resumed_at": self.clock(), "seen_reason": None,
+                                                    "seen_time": None}) or wf
         verify = self.config.verify
         argv = expand_argv(verify.command, node=node.name, reason=wf.reason, action=wf.action)
         try:
             result = self.gateway.run_on_node(node.name, argv, timeout=verify.timeout_seconds,
                                               reservation=self._reservation(node.name), srun=verify.srun)
-        except SlurmError as e:  # srun missing, refused...: the check did not run
+        except SlurmCommandError as e:  # srun missing, refused...: the check did not run
             result = StepResult(None, str(e))
         verdict = check_verdict(result)
         if verdict == "healthy":
-            self._to(wf, Step.RELEASE, {"verified_at": self.clock(), "verify_output": sanitize_reason(result.output,
-                                                                                                       400)})
+            self.to(wf, Step.RELEASE, {"verified_at": self.clock(),
+                                       "verify_output": sanitize_reason(result.output, 400)})
         elif verdict == "unhealthy":
-            self._verification_failed(wf, self.gateway.node(node.name), f"check failed: {_summary(result.output)}")
+            self._fault_after_remedy(wf, self.gateway.node(node.name), f"check failed: {summary(result.output)}",
+                                     check_faults(result.output))
         else:
             attempts = int(wf.data.get("verify_attempts", 0)) + 1
             output = sanitize_reason(result.output, 400)
@@ -528,45 +389,36 @@ class Reconciler:
             if attempts >= VERIFY_ATTEMPTS:
                 # Our verification is broken (srun, the command), not necessarily the node:
                 # never escalate to a replacement on that; a human looks.
-                self._give_up(wf, self.gateway.node(node.name), f"check could not run {attempts} times: {output}")
+                self.give_up(wf, self.gateway.node(node.name), f"check could not run {attempts} times: {output}")
             else:
                 self.journal.note(wf.id, wf.step, {"verify_attempts": attempts})
 
-    def _verification_failed(self, wf: Workflow, node: Node, why: str) -> None:
-        if wf.action != REPLACE:
-            self._escalate_or_give_up(wf, node, f"after {wf.action}: {why}")
-        else:
-            self._give_up(wf, node, f"after {wf.action}: {why}")
-
-    def _release(self, wf: Workflow) -> None:
+    def release(self, wf: Workflow) -> None:
+        """Back in service, unless the node's reason is no longer the workflow's: a fault
+        flagged after the verification is never cleared here (issue 9, defect 4; the
+        re-read in `advance` hands it to the next workflow)."""
         node = self.gateway.node(wf.node)
-        if node.action_reason is not None or (node.reason and is_slurm_reason(node.reason)):
+        if reason_change(wf.data, wf.action, node) is not Change.NONE:
+            return  # the next pass honours it before this step runs again
+        if node.is_drained or node.is_down:
             self.gateway.set_state(node.name, NodeState.RESUME)
         self._drop_reservation(node.name)
-        self._finish(wf, "done", "back in service", {"in_service_at": self.clock()})
+        self.finish(wf, "done", "back in service", {"in_service_at": self.clock()})
 
-    # ----------------------------------------------------------------- helpers
-    def _guarded(self, work: Callable[[Workflow], None], wf: Workflow) -> None:
-        try:
-            work(wf)
-        except SlurmError as e:
-            log.warning("controller.step_error", node=wf.node, step=wf.step, error=str(e))
-
-    def _to(self, wf: Workflow, step: Step, data: Dict[str, object],
-            action: Optional[str] = None) -> Optional[Workflow]:
+    # --------------------------------------------------------------- helpers
+    def to(self, wf: Workflow, step: Step, data: Dict[str, object], action: Optional[str] = None) -> Optional[Workflow]:
         moved = self.journal.advance(wf.id, wf.step, step.value, {**data, "step_at": self.clock()}, action=action)
         if moved is None:
             log.warning("controller.step_lost", node=wf.node, workflow=wf.id, step=wf.step,
                         detail="another controller instance moved this workflow; not acting")
             return None
         log.info("controller.step", node=wf.node, workflow=wf.id, step=step.value, action=moved.action)
-        self._crash_point(f"enter:{step.value}")
+        self.crash_point(f"enter:{step.value}")
         return moved
 
-    def _finish(self, wf: Workflow, status: str, detail: str, data: Optional[Dict[str, object]] = None) -> None:
+    def finish(self, wf: Workflow, status: str, detail: str, data: Optional[Dict[str, object]] = None) -> None:
         done = self.journal.advance(wf.id, wf.step, Step.DONE.value, {**(data or {}), "outcome": detail},
                                     status=status)
-        self.remediating.pop(wf.node, None)
         if done is not None:
             self.metrics.finished.labels(done.action, status).inc()
             if done.time_to_service is not None:
@@ -574,23 +426,29 @@ class Reconciler:
             log.info("controller.workflow_finished", node=wf.node, workflow=wf.id, status=status, detail=detail,
                      seconds=round(done.finished_at - done.detected_at, 1) if done.finished_at else None)
 
-    def _give_up(self, wf: Workflow, node: Node, why: str) -> None:
+    def give_up(self, wf: Workflow, node: Node, why: str) -> None:
         """Leave the node out of service with a reason a human will read."""
         log.error("controller.gave_up", node=node.name, workflow=wf.id, why=why)
-        if not self._foreign(wf, node):
-            self.gateway.set_state(node.name, NodeState.DRAIN,
-                                   f"{GAVE_UP_PREFIX} {why} (workflow {wf.id}; was: {wf.reason})")
+        self._write_reason(wf, node, NodeState.DRAIN, f"{GAVE_UP_PREFIX} {why} (workflow {wf.id}; was: {wf.reason})")
         self._drop_reservation(node.name)
-        self._finish(wf, "failed", why)
+        self.finish(wf, "failed", why)
 
-    def _set_reason(self, node: Node, reason: str) -> None:
-        state = NodeState.DOWN if node.is_down else NodeState.FAIL
+    def _write_reason(self, wf: Workflow, node: Node, state: NodeState, reason: str) -> Optional[Node]:
+        """Set `state` and `reason` unless someone else's reason is on the node now: the
+        node is re-read first (defect 5). Returns the node as read after the write, or
+        None when it was left alone."""
+        current = self.gateway.node(node.name)
+        if current.reason_owner not in (ReasonOwner.NONE, ReasonOwner.ACTION, ReasonOwner.SLURM):
+            log.warning("controller.write_skipped", node=node.name, workflow=wf.id, reason=current.reason,
+                        detail="someone else's reason is on the node")
+            return None
         self.gateway.set_state(node.name, state, reason)
+        return self.gateway.node(node.name)
 
-    def _reason(self, wf: Workflow, action: Action) -> str:
-        """The workflow's reason if it is an Action: reason, else a plain one for `action`."""
+    def _reason(self, wf: Workflow) -> str:
+        """The workflow's reason if it is an Action: reason, else a plain one for its action."""
         ours = parse_reason(wf.reason)
-        return str(ours) if ours is not None else format_reason(action)
+        return str(ours) if ours is not None else format_reason(NodeAction.REBOOT)
 
     def _reservation(self, node: str) -> str:
         return f"{self.config.verify.reservation_prefix}{node}"
@@ -605,14 +463,10 @@ class Reconciler:
 
     def _booted(self, node: Node, wf: Workflow) -> bool:
         before = wf.data.get("boot_before")
-        now_boot = _ts(node.boot_time)
+        now_boot = ts(node.boot_time)
         return now_boot is not None and (before is None or now_boot > float(before) + BOOT_JITTER_SECONDS)
 
-    def _crash_point(self, name: str) -> None:
+    def crash_point(self, name: str) -> None:
         if self.crash_at == name:
             log.warning("controller.test_crash", point=name)
             os.kill(os.getpid(), signal.SIGKILL)
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=True)
-

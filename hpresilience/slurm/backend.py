@@ -14,13 +14,22 @@ from typing import List, Optional, Protocol, Sequence, Tuple
 from .errors import SlurmCommandError, SlurmNotInstalled
 from .models import Job, Node, PendingJob, Reservation, Step, StepResult
 from .runner import CommandRunner, Target
-from .scontrol_parse import parse_jobs, parse_nodes, parse_reservations, parse_steps, parse_version
+from .scontrol_parse import (
+    parse_jobs,
+    parse_nodes,
+    parse_pending_jobs,
+    parse_reservations,
+    parse_slurm_user,
+    parse_steps,
+    parse_version,
+)
 
 STEP_OUTPUT_LIMIT = 64 * 1024  # a check's output is a few lines; garbage is cut, not buffered
 
 
 class SlurmBackend(Protocol):
     def version(self) -> Tuple[int, int, int]: ...
+    def slurm_user(self) -> str: ...
     def show_nodes(self, nodes: Optional[str] = None) -> List[Node]: ...
     def show_jobs(self, job_id: Optional[int] = None) -> List[Job]: ...
     def update_nodes(self, nodes: str, state: str, reason: Optional[str]) -> None: ...
@@ -50,6 +59,11 @@ class ScontrolBackend:
 
     def version(self) -> Tuple[int, int, int]:
         return parse_version(self._run("--version"))
+
+    def slurm_user(self) -> str:
+        """SlurmUser from `scontrol show config` ("SlurmUser = slurm(64030)"): the writer
+        of the reasons slurmctld sets itself."""
+        return parse_slurm_user(self._run("show", "config"))
 
     def show_nodes(self, nodes: Optional[str] = None) -> List[Node]:
         args = ["-o", "show", "node"] + ([nodes] if nodes else [])
@@ -119,15 +133,24 @@ class ScontrolBackend:
         self.runner.run(["scancel", f"--signal={signal_name}", step_id], Target(job=step_id))
 
     def pending_jobs(self) -> List[PendingJob]:
-        """Pending jobs in one small `squeue` read (a full `scontrol show job` of a busy
-        cluster is megabytes): id, pending reason, restart count, comment (last: it may hold anything)."""
-        fields = "--Format=JobID:|,Reason:|,RestartCnt:|,Comment:"   # ":|" = no padding, "|" after each
+        """Requeued jobs that wait for their BeginTime, with their comments.
+
+        One small `squeue` read of fields users cannot write (id, pending reason, restart
+        count: a full `scontrol show job` of a busy cluster is megabytes), then each such
+        job's Comment read on its own: a comment may hold newlines and separators, and in
+        a shared table it could forge another job's record, which the root controller
+        would then update (issue 9, defect 12). Alone, whatever it holds is that job's."""
+        fields = "--Format=JobID:|,Reason:|,RestartCnt:|"   # ":|" = no padding, "|" after each
         out = self.runner.run(["squeue", "--noheader", "--states=PD", fields], Target())
         found = []
-        for line in out.splitlines():
-            parts = line.split("|", 3)
-            if len(parts) == 4 and parts[0].strip().isdigit():
-                comment = parts[3].strip()
-                found.append(PendingJob(int(parts[0]), parts[1].strip(), int(parts[2].strip() or 0),
-                                        "" if comment == "(null)" else comment))
+        for job_id, reason, restarts in parse_pending_jobs(out):
+            if reason != "BeginTime" or restarts < 1:
+                continue
+            try:
+                comment = self.runner.run(["squeue", "--noheader", f"--jobs={job_id}", "--Format=Comment:"],
+                                          Target(job=str(job_id)))
+            except SlurmCommandError:
+                continue  # gone meanwhile (started, cancelled)
+            comment = comment.rstrip("\n").strip()
+            found.append(PendingJob(job_id, reason, restarts, "" if comment == "(null)" else comment))
         return found

@@ -2,8 +2,9 @@
 
 Agent, controller and the auto-resume shim all go through this class. It
 validates node names, keeps reasons sane, and enforces the ownership rule:
-a reason that does not start with ``Action:`` belongs to someone else and is
-never overwritten or cleared by us.
+a reason that is not an ``Action:`` request in its exact form (see
+reason.reason_owner) belongs to someone else and is never overwritten or
+cleared by us.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from .backend import ScontrolBackend, SlurmBackend
 from .errors import JobNotFound, NodeNotFound, SlurmCommandError, SlurmError
 from .hostlist import Nodes, expand, fold
 from .models import Job, Node, PendingJob, Reservation, Step, StepResult
-from .reason import ActionReason, is_ours, sanitize_reason
+from .reason import ActionReason, sanitize_reason
 
 log = structlog.get_logger(__name__)
 
@@ -51,6 +52,7 @@ class SlurmGateway:
     def __init__(self, backend: Optional[SlurmBackend] = None):
         self.backend: SlurmBackend = backend or ScontrolBackend()
         self._version: Optional[Tuple[int, int, int]] = None
+        self._slurm_user: Optional[str] = None
 
     # ---------------------------------------------------------------- version
     @property
@@ -71,10 +73,20 @@ class SlurmGateway:
         StartTime is reset; 25.11 added requeue_delay= and --requeue=expedite."""
         return self.version[:2] < (25, 11)
 
+    @property
+    def slurm_user(self) -> str:
+        """The cluster's SlurmUser, read once: the writer of Slurm's own reasons."""
+        if self._slurm_user is None:
+            self._slurm_user = self.backend.slurm_user()
+        return self._slurm_user
+
     # ------------------------------------------------------------------ reads
     def nodes(self, nodes: Optional[Nodes] = None, with_jobs: bool = False) -> List[Node]:
         """Nodes (all, or those named), optionally with the ids of active jobs on each."""
         found = self.backend.show_nodes(fold(nodes) if nodes is not None else None)
+        # Every Node can tell Slurm's own reasons from others' (issue 9, defect 2).
+        slurm_user = self.slurm_user
+        found = [dataclasses.replace(n, slurm_user=slurm_user) for n in found]
         if nodes is not None:
             missing = set(expand(nodes)) - {n.name for n in found}
             if missing:
@@ -109,7 +121,7 @@ class SlurmGateway:
     # ----------------------------------------------------------------- writes
     def set_state(self, nodes: Nodes, state: NodeState, reason: Optional[str] = None) -> None:
         """Set state (and reason) on nodes, exactly as given. Prefer the
-        ownership-aware mark_action()/clear_action() for our own faults."""
+        ownership-aware mark_action() for our own faults."""
         state = NodeState(state)
         if state in (NodeState.FAIL, NodeState.DRAIN, NodeState.DOWN) and not reason:
             raise ValueError(f"Slurm requires a reason to set {state.value}")
@@ -129,16 +141,6 @@ class SlurmGateway:
             raise ReasonNotOurs(current.name, current.reason)
         self.set_state(current.name, state, str(action))
         return current
-
-    def clear_action(self, node: str) -> bool:
-        """Return a node to service, only if its reason is still ours.
-        Returns False (and changes nothing) when the reason is not ours."""
-        current = self.node(node)
-        if not is_ours(current.reason):
-            log.info("slurm.clear_skipped", node=current.name, reason=current.reason)
-            return False
-        self.set_state(current.name, NodeState.RESUME)
-        return True
 
     def reboot(self, nodes: Nodes, reason: Optional[str] = None, asap: bool = True,
                next_state: Optional[NodeState] = NodeState.RESUME) -> None:

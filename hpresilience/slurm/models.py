@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass, field
 from typing import FrozenSet, Optional, Tuple
 
-from .reason import ActionReason, parse_reason
+from .reason import ActionReason, ReasonOwner, parse_reason, reason_owner
 
 # Flags that take a node out of scheduling (what sinfo shows as drain/fail/down).
 UNAVAILABLE_FLAGS = frozenset({"DRAIN", "FAIL", "NOT_RESPONDING", "MAINTENANCE", "POWERED_DOWN", "POWERING_DOWN"})
 REBOOT_FLAGS = frozenset({"REBOOT_REQUESTED", "REBOOT_ISSUED"})
+# A MIG instance's GRES type ends in its profile name: [<c>c.]<g>g.<memory>gb[+<extra>] (see Node.gpu_count).
+_MIG_PROFILE = re.compile(r"(?:^|[_-])(?:\d+c\.)?\d+g\.\d+gb(?:\+[a-z0-9.]+)?$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -31,27 +34,42 @@ class Node:
     cpus: Optional[int] = None
     version: Optional[str] = None
     jobs: Tuple[int, ...] = ()              # filled in by SlurmGateway.nodes(with_jobs=True)
+    slurm_user: Optional[str] = None        # the cluster's SlurmUser, filled in by SlurmGateway.nodes()
 
     @property
     def gpu_count(self) -> Optional[int]:
-        """GPUs Slurm was told this node has (Gres=gpu:8, gpu:h100:8, ...); None when it has no gpu GRES.
+        """Physical GPUs Slurm was told this node has (Gres=gpu:8, gpu:h100:8, ...); None when it has no
+        gpu GRES, or when any gpu GRES type is a MIG profile (1g.10gb, 3g.40gb, 1g.5gb+me, Slurm's
+        AutoDetect a100_1g.5gb): those count instances (gpu:1g.10gb:28,gpu:3g.40gb:8 is 36 on 8 GPUs)
+        and say nothing of how many GPUs hold them (issue 9, defect 6).
 
         >>> Node("n1", "IDLE", gres=("gpu:h100:4", "gpu:a100:2", "nic:1")).gpu_count
         6
+        >>> [Node("n1", "IDLE", gres=gres).gpu_count for gres in [("gpu:1g.10gb:28", "gpu:3g.40gb:8"),
+        ...     ("gpu:h100:4", "gpu:nvidia_a100_1g.5gb+me:7"), ("gpu:7g.80gb:8",), ("gpu:a100-sxm4-80gb:8",)]]
+        [None, None, None, 8]
         """
-        counts = [int(g.rsplit(":", 1)[1]) for g in self.gres
-                  if g.split(":", 1)[0] == "gpu" and g.rsplit(":", 1)[1].isdigit()]
+        gpus = [g.split(":") for g in self.gres if g.split(":", 1)[0] == "gpu"]
+        if any(len(parts) > 2 and _MIG_PROFILE.search(parts[1]) for parts in gpus):
+            return None
+        counts = [int(parts[-1]) for parts in gpus if len(parts) > 1 and parts[-1].isdigit()]
         return sum(counts) if counts else None
 
     @property
     def action_reason(self) -> Optional[ActionReason]:
-        """The Action: reason, when the node's reason is ours."""
+        """The Action: reason, when the node's reason is one."""
         return parse_reason(self.reason)
 
     @property
+    def reason_owner(self) -> ReasonOwner:
+        """Whose the reason is, by exact form and writer (see reason.reason_owner)."""
+        return reason_owner(self.reason, self.reason_user, self.slurm_user)
+
+    @property
     def reason_is_foreign(self) -> bool:
-        """Someone else's reason (an admin, NHC, Slurm) is on the node: never ours to change."""
-        return bool(self.reason) and self.action_reason is None
+        """A reason that is not an Action: request is on the node (an admin's, NHC's,
+        Slurm's, or our own give-up for a human): never ours to overwrite or clear."""
+        return self.reason_owner not in (ReasonOwner.NONE, ReasonOwner.ACTION)
 
     @property
     def is_down(self) -> bool:

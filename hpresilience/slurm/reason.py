@@ -1,18 +1,20 @@
-"""The `Action:` reason codec: the marker that says a node's state is ours.
+"""Slurm node reasons: the `Action:` codec, and the one decision of whose a reason is.
 
-A Slurm node reason we write reads ``Action: Reboot`` or ``Action: Replace``,
-optionally followed by ``; `` and a short human detail::
+A reason we act on reads ``Action: Reboot`` or ``Action: Replace``, optionally
+followed by ``; `` and a detail. The agent's detail starts with the fault it saw,
+``[CODE]`` or ``[CODE@entity]``, so the controller can tell the same fault
+returning from a new one, and agents can count how many nodes carry it::
 
-    >>> format_reason(Action.REPLACE, "XID 74 NVLink error on GPU 3")
-    'Action: Replace; XID 74 NVLink error on GPU 3'
+    >>> format_reason(NodeAction.REPLACE, "XID 74 NVLink error", Fault("XID_74", "GPU 3"))
+    'Action: Replace; [XID_74@GPU 3] XID 74 NVLink error'
     >>> parse_reason("action:replace")
-    ActionReason(action=<Action.REPLACE: 'Replace'>, detail='')
-    >>> parse_reason("bad fan, ticket 123") is None
+    ActionReason(action=<NodeAction.REPLACE: 'replace'>, detail='', fault=None)
+    >>> parse_reason("Action: Reboot requested by bob") is None   # not the exact form: someone else's
     True
 
-Parsing is lenient in what it accepts (any case, HyperPod's ``Action:Replace``
-without a space, Slurm's trailing ``[user@time]``); anything without the prefix
-belongs to someone else (an admin, NHC, Slurm itself) and must be left alone.
+Whose a reason is (`reason_owner`) is decided in one place, by exact form and,
+for Slurm's own reasons, by writer (issue 9, defect 2: a prefix test took an
+admin's ``Not responding - DO NOT POWER CYCLE`` for Slurm's and power-cycled the node).
 """
 from __future__ import annotations
 
@@ -21,36 +23,60 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from ..action import NodeAction
+
 MAX_REASON_LEN = 256
 
-_ACTION_RE = re.compile(
-    r"^\s*action\s*:\s*(?P<action>reboot|replace)(?![a-z0-9_])\s*[;:,\-]?\s*(?P<detail>.*)$",
-    re.IGNORECASE | re.DOTALL,
-)
+# The exact form: "Action:" (HyperPod's "Action:Replace" without a space too, any case),
+# the word, then the end or "; detail". Anything else after the word ("Action: Reboot
+# requested by bob", "Action: Rebooting") is someone else's free text.
+_ACTION_RE = re.compile(r"^\s*action\s*:\s*(?P<action>reboot|replace)\s*(?:;\s*(?P<detail>.*))?$",
+                        re.IGNORECASE | re.DOTALL)
+_FAULT_RE = re.compile(r"^\[(?P<code>[A-Z][A-Z0-9_]{0,63})(?:@(?P<entity>[^\[\]]{1,128}))?\]\s*(?P<rest>.*)$",
+                       re.DOTALL)
 # Slurm appends "[user@YYYY-MM-DDTHH:MM:SS]" when showing a reason.
 _SLURM_STAMP_RE = re.compile(r"\s*\[[^\[\]@\s]+@\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\]\s*$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
 
+# What the controller writes when it gives a node up to a human: ours, but never acted on.
+GAVE_UP_PREFIX = "hpresilience:"
+_GAVE_UP_RE = re.compile(r"^hpresilience: .* \(workflow \d+; was: .*\)$|^hpresilience: awaiting hardware repair, "
+                         r"replaced by \S+ \(workflow \d+\)$", re.DOTALL)
+# Reasons slurmctld itself writes (as SlurmUser) on a reboot or a silent node, exactly
+# (Slurm 22.05-25.11; compared lower-case, whole). A workflow that owns a node expects
+# them; an admin's text that merely starts the same way is the admin's.
+SLURM_OWN_REASONS = frozenset({
+    "not responding", "node unexpectedly rebooted", "reboot timed out", "reboot issued", "reboot requested",
+    "reboot complete", "resumetimeout reached", "powered down", "power_down",
+})
 
-class Action(str, enum.Enum):
-    REBOOT = "Reboot"
-    REPLACE = "Replace"
 
-    @classmethod
-    def parse(cls, text: str) -> Action:
-        for action in cls:
-            if action.value.lower() == text.strip().lower():
-                return action
-        raise ValueError(f"unknown action {text!r}: expected one of {', '.join(a.value for a in cls)}")
+class ReasonOwner(str, enum.Enum):
+    NONE = "none"          # no reason
+    ACTION = "action"      # an Action: request (the agent's, or typed by an admin): the controller acts on it
+    GAVE_UP = "gave_up"    # the controller gave the node up to a human: ours, never acted on again
+    SLURM = "slurm"        # written by slurmctld itself, in one of its exact forms
+    FOREIGN = "foreign"    # anyone else's: never changed, never cleared
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Which fault a reason is about: its finding code and device ("entity")."""
+    code: str
+    entity: Optional[str] = None
+
+    def __str__(self) -> str:
+        return f"{self.code}@{self.entity}" if self.entity else self.code
 
 
 @dataclass(frozen=True)
 class ActionReason:
-    action: Action
+    action: NodeAction
     detail: str = ""
+    fault: Optional[Fault] = None
 
     def __str__(self) -> str:
-        return format_reason(self.action, self.detail)
+        return format_reason(self.action, self.detail, self.fault)
 
 
 def sanitize_reason(text: str, max_len: int = MAX_REASON_LEN) -> str:
@@ -65,9 +91,15 @@ def sanitize_reason(text: str, max_len: int = MAX_REASON_LEN) -> str:
     return text
 
 
-def format_reason(action: Action, detail: str = "") -> str:
+def format_reason(action: NodeAction, detail: str = "", fault: Optional[Fault] = None) -> str:
+    word = NodeAction(action).reason_word
+    if word is None:
+        raise ValueError(f"no Action: reason names {action.value!r}")
+    if fault is not None:
+        entity = sanitize_reason(re.sub(r"[\[\]]", "", fault.entity or ""), 96)
+        detail = f"[{fault.code}@{entity}] {detail}" if entity else f"[{fault.code}] {detail}"
     detail = sanitize_reason(detail)
-    return sanitize_reason(f"Action: {action.value}; {detail}" if detail else f"Action: {action.value}")
+    return sanitize_reason(f"Action: {word}; {detail}" if detail else f"Action: {word}")
 
 
 def strip_slurm_stamp(reason: str) -> str:
@@ -75,17 +107,57 @@ def strip_slurm_stamp(reason: str) -> str:
 
 
 def parse_reason(reason: Optional[str]) -> Optional[ActionReason]:
-    """The ActionReason in `reason`, or None when the reason is not ours."""
+    """The ActionReason in `reason`, or None when the reason is not an Action: reason."""
     if not reason:
         return None
     match = _ACTION_RE.match(strip_slurm_stamp(reason))
     if not match:
         return None
-    return ActionReason(Action.parse(match.group("action")), sanitize_reason(match.group("detail")))
+    detail = sanitize_reason(match.group("detail") or "")
+    fault = None
+    tagged = _FAULT_RE.match(detail)
+    if tagged:
+        fault = Fault(tagged.group("code"), tagged.group("entity") or None)
+        detail = tagged.group("rest")
+    return ActionReason(NodeAction.parse(match.group("action")), detail, fault)
 
 
 def is_ours(reason: Optional[str]) -> bool:
     return parse_reason(reason) is not None
+
+
+def is_slurm_reason(reason: Optional[str], writer: Optional[str], slurm_user: Optional[str]) -> bool:
+    """Slurm's own reason: one of its exact texts, written by SlurmUser.
+
+    >>> is_slurm_reason("Not responding", "slurm", "slurm")
+    True
+    >>> is_slurm_reason("Not responding - DO NOT POWER CYCLE, BIOS flash", "slurm", "slurm")
+    False
+    >>> is_slurm_reason("Not responding", "alice", "slurm")
+    False
+    """
+    if not reason or writer is None or slurm_user is None or writer != slurm_user:
+        return False
+    return " ".join(strip_slurm_stamp(reason).split()).lower() in SLURM_OWN_REASONS
+
+
+def reason_owner(reason: Optional[str], writer: Optional[str], slurm_user: Optional[str]) -> ReasonOwner:
+    """Whose `reason` is: the one decision every component takes it from (issue 9).
+
+    >>> reason_owner("Action: Replace; [XID_74] NVLink", "root", "slurm").value
+    'action'
+    >>> reason_owner("Powered down for PSU swap", "slurm", "slurm").value
+    'foreign'
+    """
+    if not reason or not reason.strip():
+        return ReasonOwner.NONE
+    if parse_reason(reason) is not None:
+        return ReasonOwner.ACTION
+    if _GAVE_UP_RE.match(strip_slurm_stamp(reason).strip()):
+        return ReasonOwner.GAVE_UP
+    if is_slurm_reason(reason, writer, slurm_user):
+        return ReasonOwner.SLURM
+    return ReasonOwner.FOREIGN
 
 
 # Our markers in a job's Comment. EXPEDITE_MARK: auto-resume requeued the job and asks

@@ -218,3 +218,30 @@ def parse_steps(text: str) -> List[Step]:
         return []
     return [Step(step_id=r["StepId"], state=r.get("State", ""), nodes=tuple(expand_or_empty(_opt(r.get("NodeList")))),
                  name=r.get("Name", "")) for r in parse_records(text) if "StepId" in r]
+
+
+def parse_slurm_user(text: str) -> str:
+    r"""SlurmUser from `scontrol show config`.
+
+    >>> parse_slurm_user("SlurmctldPort = 6817\nSlurmUser               = slurm(64030)\n")
+    'slurm'
+    """
+    match = re.search(r"^SlurmUser\s*=\s*(?P<user>[^\s(]+)", text, re.MULTILINE)
+    if not match:
+        raise ParseError("SlurmUser in scontrol show config", text[:200])
+    return match.group("user")
+
+
+def parse_pending_jobs(text: str) -> List[Tuple[int, str, int]]:
+    r"""(job id, pending reason, restart count) rows of `squeue --Format=JobID:|,Reason:|,RestartCnt:|`.
+    None of these fields is user text, so a line is a record.
+
+    >>> parse_pending_jobs("12|BeginTime|1|\n13|Priority|0|\n")
+    [(12, 'BeginTime', 1), (13, 'Priority', 0)]
+    """
+    rows = []
+    for line in text.splitlines():
+        parts = line.split("|")
+        if len(parts) >= 3 and parts[0].strip().isdigit() and parts[2].strip().isdigit():
+            rows.append((int(parts[0]), parts[1].strip(), int(parts[2])))
+    return rows

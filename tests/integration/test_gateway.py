@@ -6,8 +6,8 @@ import os
 import pytest
 import structlog
 
+from hpresilience.action import NodeAction
 from hpresilience.slurm import (
-    Action,
     ActionReason,
     CommandRunner,
     InvalidNodeName,
@@ -15,6 +15,7 @@ from hpresilience.slurm import (
     NodeNotFound,
     NodeState,
     ReasonNotOurs,
+    ReasonOwner,
     ScontrolBackend,
     SlurmGateway,
     SlurmNotInstalled,
@@ -58,42 +59,51 @@ def test_read_jobs_and_jobs_on_nodes(tc, gateway):
 def test_fail_node_with_action_reason_lets_job_finish(tc, gateway):
     job_id = tc.sbatch("-N1", "-w", "n1", "--wrap", "sleep 300")
     wait_until(lambda: gateway.job(job_id).is_running, 30, "job running")
-    gateway.mark_action("n1", ActionReason(Action.REPLACE, "XID 74 NVLink error on GPU 3 (0000:b9:00)"))
+    gateway.mark_action("n1", ActionReason(NodeAction.REPLACE, "XID 74 NVLink error on GPU 3 (0000:b9:00)"))
     n1 = gateway.node("n1", with_jobs=True)
     assert n1.is_busy and "FAIL" in n1.flags and n1.jobs == (job_id,)
     assert n1.reason == "Action: Replace; XID 74 NVLink error on GPU 3 (0000:b9:00)"
-    assert n1.action_reason == ActionReason(Action.REPLACE, "XID 74 NVLink error on GPU 3 (0000:b9:00)")
+    assert n1.action_reason == ActionReason(NodeAction.REPLACE, "XID 74 NVLink error on GPU 3 (0000:b9:00)")
     assert n1.reason_user == "root" and n1.reason_time is not None
     assert gateway.job(job_id).is_running                       # FAIL does not kill the job
     tc.slurm("scancel", str(job_id))
     wait_until(lambda: not gateway.node("n1").is_busy, 30, "job gone from n1")
     assert gateway.node("n1").flags == frozenset({"FAIL"})
-    assert gateway.clear_action("n1") is True
+    gateway.set_state("n1", NodeState.RESUME)
     assert gateway.node("n1").available and gateway.node("n1").reason is None
 
 
 def test_hyperpod_style_reason_is_recognised(tc, gateway):
     tc.slurm("scontrol", "update", "nodename=n2", "state=fail", "reason=Action:Replace")
-    assert gateway.node("n2").action_reason.action is Action.REPLACE
-    assert gateway.clear_action("n2") is True
+    assert gateway.node("n2").action_reason.action is NodeAction.REPLACE
+    gateway.set_state("n2", NodeState.RESUME)
 
 
 def test_never_overwrites_or_clears_a_reason_we_did_not_write(tc, gateway):
     tc.slurm("scontrol", "update", "nodename=n3", "state=drain", "reason=admin: fan noise, ticket 42")
     with pytest.raises(ReasonNotOurs, match="n3"):
-        gateway.mark_action("n3", ActionReason(Action.REBOOT, "hung task"))
-    assert gateway.clear_action("n3") is False
+        gateway.mark_action("n3", ActionReason(NodeAction.REBOOT, "hung task"))
     n3 = gateway.node("n3")
     assert n3.reason == "admin: fan noise, ticket 42" and "DRAIN" in n3.flags
 
 
+def test_reason_owner_by_writer_and_exact_form(tc, gateway):
+    """Issue 9, defect 2: an admin's text that starts like Slurm's own is the admin's."""
+    assert gateway.slurm_user == "root"                       # the test cluster's SlurmUser
+    tc.slurm("scontrol", "update", "nodename=n3", "state=drain", "reason=Not responding - DO NOT POWER CYCLE")
+    assert gateway.node("n3").reason_owner is ReasonOwner.FOREIGN
+    tc.slurm("scontrol", "update", "nodename=n3", "state=drain", "reason=Action: Reboot requested by bob")
+    assert gateway.node("n3").reason_owner is ReasonOwner.FOREIGN
+    tc.slurm("scontrol", "update", "nodename=n3", "state=resume")
+
+
 def test_reason_sanitized_through_slurm(tc, gateway):
-    gateway.mark_action("n4", ActionReason(Action.REBOOT, "first line\nsecond line\t" + "x" * 400),
+    gateway.mark_action("n4", ActionReason(NodeAction.REBOOT, "first line\nsecond line\t" + "x" * 400),
                         state=NodeState.DRAIN)
     n4 = gateway.node("n4")
     assert "\n" not in n4.reason and len(n4.reason) <= MAX_REASON_LEN
     assert n4.reason.startswith("Action: Reboot; first line second line x")
-    assert n4.action_reason.action is Action.REBOOT
+    assert n4.action_reason.action is NodeAction.REBOOT
 
 
 def test_reboot_changes_boot_time(tc, gateway):

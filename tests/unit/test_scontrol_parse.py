@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from hpresilience.slurm.errors import ParseError
-from hpresilience.slurm.reason import Action
+from hpresilience.action import NodeAction
 from hpresilience.slurm.scontrol_parse import parse_jobs, parse_nodes, parse_record, parse_state, parse_version
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "scontrol"
@@ -36,7 +36,7 @@ def test_fail_and_drain_reasons():
     assert (n1.state, n1.flags) == ("IDLE", frozenset({"FAIL"}))
     assert n1.reason == "Action: Replace; XID 74 NVLink error on GPU 3 (0000:b9:00)"
     assert n1.reason_user == "root" and n1.reason_time.isoformat().startswith("2026-11-22T11:12:36")
-    assert n1.action_reason.action is Action.REPLACE
+    assert n1.action_reason.action is NodeAction.REPLACE
     assert n1.is_drained and not n1.available
     n4 = nodes["n4"]
     # An admin's reason with '=' and brackets inside survives intact, and is not ours.
@@ -51,7 +51,7 @@ def test_reboot_requested_node():
     assert n2.state == "ALLOCATED"
     assert n2.flags == frozenset({"DRAIN", "REBOOT_REQUESTED"})
     assert n2.reboot_pending and n2.is_busy and n2.next_state == "RESUME"
-    assert n2.action_reason.action is Action.REBOOT and n2.action_reason.detail == "test"
+    assert n2.action_reason.action is NodeAction.REBOOT and n2.action_reason.detail == "test"
 
 
 def test_not_responding_node():

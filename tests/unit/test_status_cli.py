@@ -23,6 +23,9 @@ class FakeBackend:
     def version(self) -> Tuple[int, int, int]:
         return (23, 11, 4)
 
+    def slurm_user(self) -> str:
+        return "slurm"
+
     def show_nodes(self, nodes: Optional[str] = None) -> List[Node]:
         if self.error:
             raise self.error

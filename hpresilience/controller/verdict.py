@@ -1,0 +1,88 @@
+"""What the controller reads off a node and a check: pure decisions, no side effects.
+
+- `check_verdict`: what the node's own check said (healthy, unhealthy, not run).
+- `is_unresponsive`: a silent node nobody has claimed.
+- `reason_change`: what happened to the node's reason since the workflow last
+  looked (issue 9: remediation re-reads the node at every step boundary and
+  honours the newest reason: an upgrade to Replace, a foreign reason, a fresh fault).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import re
+from typing import Mapping, Optional
+
+from ..action import NodeAction
+from ..slurm import Node
+from ..slurm.models import StepResult
+from ..slurm.reason import ReasonOwner, sanitize_reason
+
+
+def summary(output: str) -> str:
+    r"""The check's first finding line, short enough for a Slurm reason.
+
+    >>> summary("REBOOT XID_79 [GPU 3]: fell off the bus\nsrun: error: n3: task 0: Exited with exit code 1\n")
+    'REBOOT XID_79 [GPU 3]: fell off the bus'
+    """
+    lines = [line for line in output.splitlines() if line.strip() and not line.startswith("srun:")]
+    return sanitize_reason(lines[0] if lines else output, 120)
+
+
+def check_verdict(result: StepResult) -> str:
+    """healthy | unhealthy | not_run. srun exits 1 for its own errors too (bad
+    partition, node gone), so "unhealthy" needs srun's word that the task itself
+    exited 1 (`hpresilience check`: 1 = findings, 2 = could not look).
+
+    >>> check_verdict(StepResult(1, "XID 79\\nsrun: error: n3: task 0: Exited with exit code 1"))
+    'unhealthy'
+    >>> check_verdict(StepResult(1, "srun: error: Unable to allocate resources: Invalid partition name specified"))
+    'not_run'
+    """
+    if result.returncode == 0:
+        return "healthy"
+    if result.returncode == 1 and re.search(r"task \d+: Exited with exit code 1\b", result.output):
+        return "unhealthy"
+    return "not_run"
+
+
+def is_unresponsive(node: Node) -> bool:
+    """A silent node nobody has claimed: no reason, or only Slurm's own (by writer and
+    exact form: an admin's "Not responding - DO NOT POWER CYCLE" is the admin's; defect 2)."""
+    if not node.flags & {"NOT_RESPONDING"} or node.flags & {"POWERED_DOWN", "POWERING_DOWN", "POWERING_UP"}:
+        return False
+    return node.reason_owner in (ReasonOwner.NONE, ReasonOwner.SLURM)
+
+
+def ts(when: Optional[dt.datetime]) -> Optional[float]:
+    return when.timestamp() if when is not None else None
+
+
+class Change(str, enum.Enum):
+    NONE = "none"            # the reason is the one the workflow knows, Slurm's own, or gone
+    FOREIGN = "foreign"      # someone else's reason: the node is theirs now
+    UPGRADE = "upgrade"      # a newer Action: Replace on a reboot/power-cycle workflow
+    FRESH = "fresh"          # a newer Action: reason: a fault flagged after the workflow's own
+
+
+def reason_change(facts: Mapping[str, object], action: str, node: Node) -> Change:
+    """What the node's reason says now, against the reason the workflow last accepted
+    (`facts["seen_reason"]`, `facts["seen_time"]`: the one it opened on or wrote itself).
+
+    A reason of ours is new when its text or its time differs from the one accepted: an
+    agent or an admin flagged the node again. Only a harsher action upgrades a workflow;
+    a repeat of the same action is a fresh fault."""
+    owner = node.reason_owner
+    if owner is ReasonOwner.FOREIGN:
+        return Change.FOREIGN
+    if owner is not ReasonOwner.ACTION:
+        return Change.NONE
+    seen_time = facts.get("seen_time")
+    now_time = ts(node.reason_time)
+    if node.reason == facts.get("seen_reason") and (seen_time is None or now_time is None
+                                                    or now_time <= float(seen_time)):
+        return Change.NONE
+    flagged = node.action_reason
+    if flagged is not None and flagged.action is NodeAction.REPLACE and action != NodeAction.REPLACE.value:
+        return Change.UPGRADE
+    return Change.FRESH
