@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import os
 import re
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import structlog
+
+from .statefile import fsync_dir
 
 log = structlog.get_logger("hpresilience.checkpoint")
 
@@ -131,7 +132,7 @@ class CheckpointDir:
                 "writer": {"host": socket.gethostname(), "pid": os.getpid()},
             }
             _write_synced(tmp / MARKER, json.dumps(marker, indent=1, sort_keys=True).encode())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             final = self._publish(tmp, name)
         except BaseException:
             _remove(tmp)
@@ -166,7 +167,7 @@ class CheckpointDir:
             os.rename(final, aside)
             log.info("checkpoint.replacing", path=str(final))
         os.rename(tmp, final)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         if aside is not None:
             self._discard(aside, name)
         return final
@@ -312,7 +313,7 @@ class CheckpointDir:
                 final = self.path / self.name_for(step)
                 if not os.path.lexists(final) and isinstance(self._check(path, step), Checkpoint):
                     os.rename(path, final)
-                    _fsync_dir(self.path)
+                    fsync_dir(self.path)
                     log.warning("checkpoint.restored", path=str(final), step=step, was=str(path))
                     handled.append(path)
                     continue
@@ -359,7 +360,7 @@ def _sync_tree(root: Path) -> Dict[str, int]:
                 os.close(fd)
             files[rel] = st.st_size
         if here != root:
-            _fsync_dir(here)
+            fsync_dir(here)
     return dict(sorted(files.items()))
 
 
@@ -373,18 +374,6 @@ def _write_synced(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
 
-
-def _fsync_dir(path: Path) -> None:
-    """Make the directory's entries (creations, renames) durable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    except OSError as e:  # some network file systems refuse fsync on a directory
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise
-        log.debug("checkpoint.dir_fsync_unsupported", path=str(path), error=str(e))
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:

@@ -1,7 +1,8 @@
 """Small JSON state files that survive crashes: written atomically (temp file,
-fsync, rename), so a reader sees the old or the new content, never half."""
+fsync, rename, fsync of the directory), so a reader sees the old or the new content, never half."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -22,9 +23,25 @@ def write_json(path: Path, data: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        # The rename is durable only once the directory is: without this a crash can bring
+        # back the old file, losing pending events the agent promised to keep (issue 9, defect 14).
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the directory's entries (creations, renames) durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some network file systems refuse fsync on a directory
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        log.debug("statefile.dir_fsync_unsupported", path=str(path), error=str(e))
+    finally:
+        os.close(fd)
 
 
 def read_json(path: Path, default: Any) -> Any:

@@ -108,7 +108,7 @@ class WorkflowConfig:
     drain_timeout_seconds: float = 0.0          # 0: wait for jobs as long as they run
     reboot_timeout_seconds: float = 900.0       # no new BootTime after a reboot or power cycle → escalate to Replace
     register_timeout_seconds: float = 3600.0    # a replaced node must register (new BootTime) by then
-    refault_window_seconds: float = 3600.0      # the same node flagged for Reboot again within this → Replace
+    refault_window_seconds: float = 3600.0      # the same fault flagged for Reboot again within this → Replace
     unresponsive_grace_seconds: float = 600.0   # NOT_RESPONDING this long → power cycle (if the provider can)
     power_cycle_unresponsive: bool = True
 

@@ -105,6 +105,10 @@ class Controller:
             log.error("controller.journal_error", error=f"{type(e).__name__}: {e}", path=str(self.config.journal_path))
             return
         self.metrics.pass_seconds.observe(time.monotonic() - started)
+        # The positive sign a test (or an admin at debug level) waits for before it concludes
+        # that nothing happened (issue 9, defect 15).
+        log.debug("controller.pass", nodes=report.nodes, flagged=report.flagged, active=report.active,
+                  paused=report.paused, seconds=round(report.seconds, 3))
         self.metrics.nodes.set(report.nodes)
         self.metrics.breaker.set(1 if report.paused else 0)
         counts = {s.value: 0 for s in Step if s is not Step.DONE}

@@ -16,7 +16,7 @@ from typing import Mapping, Optional
 from ..action import NodeAction
 from ..slurm import Node
 from ..slurm.models import StepResult
-from ..slurm.reason import ReasonOwner, sanitize_reason
+from ..slurm.reason import ReasonOwner, reason_core, sanitize_reason
 
 
 def summary(output: str) -> str:
@@ -79,7 +79,8 @@ def reason_change(facts: Mapping[str, object], action: str, node: Node) -> Chang
         return Change.NONE
     seen_time = facts.get("seen_time")
     now_time = ts(node.reason_time)
-    if node.reason == facts.get("seen_reason") and (seen_time is None or now_time is None
+    # Slurm appending "reboot issued" to our reason is not a new flag.
+    if reason_core(node.reason) == reason_core(facts.get("seen_reason")) and (seen_time is None or now_time is None
                                                     or now_time <= float(seen_time)):
         return Change.NONE
     flagged = node.action_reason

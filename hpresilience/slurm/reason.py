@@ -34,6 +34,9 @@ _ACTION_RE = re.compile(r"^\s*action\s*:\s*(?P<action>reboot|replace)\s*(?:;\s*(
                         re.IGNORECASE | re.DOTALL)
 _FAULT_RE = re.compile(r"^\[(?P<code>[A-Z][A-Z0-9_]{0,63})(?:@(?P<entity>[^\[\]]{1,128}))?\]\s*(?P<rest>.*)$",
                        re.DOTALL)
+# Slurm appends what happened to a reboot to the reason it was issued with
+# ("Action: Reboot : reboot issued : reboot complete", measured on 22.05, docs/testcluster.md).
+_SLURM_SUFFIX_RE = re.compile(r"(?:\s+:\s+(?:reboot issued|reboot complete|reboot timed out))+\s*$", re.IGNORECASE)
 # Slurm appends "[user@YYYY-MM-DDTHH:MM:SS]" when showing a reason.
 _SLURM_STAMP_RE = re.compile(r"\s*\[[^\[\]@\s]+@\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\]\s*$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
@@ -106,11 +109,21 @@ def strip_slurm_stamp(reason: str) -> str:
     return _SLURM_STAMP_RE.sub("", reason)
 
 
+def reason_core(reason: Optional[str]) -> str:
+    """The reason as its writer set it: without Slurm's stamp and without the reboot
+    progress Slurm appends to it.
+
+    >>> reason_core("Action: Reboot : reboot issued : reboot complete")
+    'Action: Reboot'
+    """
+    return _SLURM_SUFFIX_RE.sub("", strip_slurm_stamp(reason or "")).strip()
+
+
 def parse_reason(reason: Optional[str]) -> Optional[ActionReason]:
     """The ActionReason in `reason`, or None when the reason is not an Action: reason."""
     if not reason:
         return None
-    match = _ACTION_RE.match(strip_slurm_stamp(reason))
+    match = _ACTION_RE.match(reason_core(reason))
     if not match:
         return None
     detail = sanitize_reason(match.group("detail") or "")
@@ -138,7 +151,9 @@ def is_slurm_reason(reason: Optional[str], writer: Optional[str], slurm_user: Op
     """
     if not reason or writer is None or slurm_user is None or writer != slurm_user:
         return False
-    return " ".join(strip_slurm_stamp(reason).split()).lower() in SLURM_OWN_REASONS
+    text = " ".join(strip_slurm_stamp(reason).split()).lower()
+    # Slurm's progress words alone ("reboot timed out" on a node it rebooted without a reason).
+    return text in SLURM_OWN_REASONS or (not reason_core(reason) and bool(text))
 
 
 def reason_owner(reason: Optional[str], writer: Optional[str], slurm_user: Optional[str]) -> ReasonOwner:
@@ -153,7 +168,7 @@ def reason_owner(reason: Optional[str], writer: Optional[str], slurm_user: Optio
         return ReasonOwner.NONE
     if parse_reason(reason) is not None:
         return ReasonOwner.ACTION
-    if _GAVE_UP_RE.match(strip_slurm_stamp(reason).strip()):
+    if _GAVE_UP_RE.match(reason_core(reason)):
         return ReasonOwner.GAVE_UP
     if is_slurm_reason(reason, writer, slurm_user):
         return ReasonOwner.SLURM

@@ -44,7 +44,8 @@ class ControllerProc:
         self.log = state_dir / "controller.log"
         tc = [str(TESTCLUSTER), "--dir", str(c.dir)]
         defaults: Dict[str, Dict[str, object]] = {
-            "controller": {"state_dir": str(state_dir), "poll_interval_seconds": 0.5, "metrics_port": 0},
+            "controller": {"state_dir": str(state_dir), "poll_interval_seconds": 0.5, "metrics_port": 0,
+                           "log_level": "debug"},
             "limits": {"max_concurrent": 4, "max_percent": 100.0},
             "workflow": {"reboot_timeout_seconds": 60, "register_timeout_seconds": 60,
                          "unresponsive_grace_seconds": 3},
@@ -92,6 +93,13 @@ class ControllerProc:
     def events(self, kind: str) -> List[dict]:
         return [json.loads(line) for line in self.log.read_text().splitlines()
                 if line.startswith("{") and json.loads(line).get("event") == kind]
+
+    def wait_passes(self, count: int = 3, timeout: float = 20) -> None:
+        """Issue 9, defect 15: a test that asserts nothing changed first sees the controller
+        complete `count` more passes over the nodes it set up."""
+        start = len(self.events("controller.pass"))
+        wait_until(lambda: len(self.events("controller.pass")) >= start + count, timeout,
+                   f"{count} controller passes")
 
     def wait_finished(self, node: str, timeout: float = 60) -> Workflow:
         def finished():
@@ -178,7 +186,8 @@ def test_reasons_that_are_not_ours_are_never_touched(cl, ctl):
     c = ctl().start()
     wait_until(lambda: len(c.events("controller.step")) or c.log.read_text().count('"controller.leader"'), 10,
                "the controller to lead")
-    time.sleep(3)  # several passes
+    c.wait_passes(3)
+    assert all(p["nodes"] >= 4 for p in c.events("controller.pass"))   # it read the nodes it left alone
     assert c.workflows() == []
     assert {n.name: (n.state_text, n.reason) for n in gw.nodes()} == before
     assert c.proc.poll() is None
@@ -192,7 +201,7 @@ def test_waits_for_running_jobs_before_rebooting(cl, ctl):
     c = ctl().start()
     scontrol("update", "nodename=n1", "state=fail", "reason=Action: Reboot; XID 48")
     wait_until(lambda: c.workflows("n1"), 10, "the workflow to start")
-    time.sleep(3)
+    c.wait_passes(3)
     assert c.workflows("n1")[-1].step == "drain"
     assert count_lines(cl.dir / "nodes" / "n1" / "reboots.log") == reboots
     subprocess.run(["scancel", str(job)], check=True, timeout=30)
@@ -207,7 +216,7 @@ def test_manual_mode_and_dry_run_recommend_and_change_nothing(cl, ctl, how):
     before = gw.node("n4")
     c = ctl(**how).start()
     wait_until(lambda: c.events("controller.recommend"), 10, "a recommendation")
-    time.sleep(2)
+    c.wait_passes(3)
     assert c.workflows() == []
     after = gw.node("n4")
     assert (after.state_text, after.reason, after.boot_time) == (before.state_text, before.reason, before.boot_time)
@@ -221,7 +230,7 @@ def test_breaker_pauses_until_resume_then_limit_serialises(cl, ctl):
     for node in ("n1", "n2", "n3"):
         scontrol("update", f"nodename={node}", "state=fail", "reason=Action: Reboot")
     wait_until(lambda: c.events("controller.breaker_tripped"), 10, "the breaker to trip")
-    time.sleep(2)
+    c.wait_passes(3)
     assert c.workflows() == [], "nothing may start while the breaker is tripped"
     status = subprocess.run([str(HPRESILIENCE), "status", "--config", str(c.config)], capture_output=True,
                             text=True, timeout=60)
@@ -301,7 +310,7 @@ def test_a_failing_provider_leaves_the_node_out_with_a_reason(cl, ctl, argv, exp
     node = gw.node("n4")
     assert node.is_drained and node.reason.startswith("hpresilience:") and expect in node.reason, node
     assert gw.reservation("hpr_verify_n4") is None
-    time.sleep(2)
+    c.wait_passes(3)
     assert len(c.workflows("n4")) == 1, "a node we gave up on is not picked up again"
     assert c.proc.poll() is None
 
@@ -368,7 +377,7 @@ def test_spare_pool_swaps_in_a_spare_and_takes_the_repaired_node_back(cl, ctl):
     assert in_service("n4")
     broken = gw.node("n3")
     assert broken.is_drained and broken.reason.startswith("hpresilience: awaiting hardware repair, replaced by n4")
-    time.sleep(2)
+    c.wait_passes(3)
     assert len(c.workflows("n3")) == 1, "a node awaiting repair is not ours to act on again"
     out = subprocess.run([str(HPRESILIENCE), "controller", "--config", str(c.config), "repaired", "n3"],
                          capture_output=True, text=True, timeout=60)

@@ -28,6 +28,7 @@ from hpresilience.slurm.reason import (
     ("Action: Reboot;XID 73", NodeAction.REBOOT, "XID 73"),
     ("Action: Replace; detail [root@2026-11-22T11:12:36]", NodeAction.REPLACE, "detail"),  # Slurm's stamp
     ("Action: Reboot [slurm@2026-01-02T03:04:05]", NodeAction.REBOOT, ""),
+    ("Action: Reboot; XID 73 : reboot issued", NodeAction.REBOOT, "XID 73"),
 ])
 def test_parse_ours(text, action, detail):
     assert parse_reason(text) == ActionReason(action, detail)
@@ -113,6 +114,11 @@ def test_entity_brackets_cannot_forge_a_tag():
     ("hpresilience: check failed (workflow 3; was: Action: Reboot)", "root", ReasonOwner.GAVE_UP),
     ("hpresilience: please resume", "root", ReasonOwner.FOREIGN),
     ("NHC: check_gpu failed", "root", ReasonOwner.FOREIGN),
+    # Slurm appends a reboot's progress to the reason it was issued with (22.05, measured).
+    ("Action: Reboot : reboot issued", "root", ReasonOwner.ACTION),
+    ("Action: Reboot : reboot issued : reboot complete", "root", ReasonOwner.ACTION),
+    ("Action: Reboot; [XID_79] x : reboot issued", "root", ReasonOwner.ACTION),
+    ("Reboot ASAP : reboot issued : reboot timed out", "alice", ReasonOwner.FOREIGN),   # an admin's reboot
 ])
 def test_reason_owner(reason, writer, owner):
     assert reason_owner(reason, writer, "slurm") is owner
