@@ -107,21 +107,27 @@ class Agent:
         self.node_name = node_name(config.agent.node_name)
         self.policy = Policy(config.policy, state_dir)
         self.policy.drop_events_before(self.boot_time)
-        self.actuator = Actuator(self.gateway, self.node_name, dry_run=config.agent.dry_run)
+        self.actuator = Actuator(self.gateway, self.node_name, dry_run=config.agent.dry_run,
+                                 shared_cause=config.policy.shared_cause)
         self.monitors = build_monitors(self._with_expected_gpus(config))
 
     def _with_expected_gpus(self, config: AgentConfig) -> AgentConfig:
-        """Without nvml.expected_gpus, expect what Slurm's Gres says the node has: a GPU missing
+        """Without nvml.expected_gpus, expect the physical GPUs Slurm's Gres says the node has: a GPU missing
         at boot, or lost before an agent restart, is then still a finding (the count seen
         since start would silently become the new normal)."""
         if config.nvml.expected_gpus is not None or not config.nvml.enabled:
             return config
         try:
-            gpus = self.gateway.node(self.node_name).gpu_count
+            node = self.gateway.node(self.node_name)
         except SlurmError as e:
             log.warning("agent.expected_gpus_unknown", node=self.node_name, error=str(e))
             return config
+        gpus = node.gpu_count
         if gpus is None:
+            # No gpu GRES, or MIG instances, which are not GPUs (issue 9, defect 6): the monitor
+            # expects the most GPUs it has seen; only nvml.expected_gpus catches one missing from the start.
+            log.info("agent.expected_gpus_unknown", node=self.node_name, gres=",".join(node.gres),
+                     hint="no physical GPU count in Slurm's Gres; set nvml.expected_gpus")
             return config
         log.info("agent.expected_gpus_from_slurm", node=self.node_name, gpus=gpus)
         return dataclasses.replace(config, nvml=dataclasses.replace(config.nvml, expected_gpus=gpus))
@@ -188,7 +194,10 @@ class Agent:
             self.metrics.log_lag.labels(source.name).set(source.lag_bytes())
             lines = source.read(budget)
             self.metrics.log_lines.labels(source.name).inc(len(lines))
-            found = [f for f in (self.rules.classify(line.text, self.gpu_for_pci) for line in lines)
+            # line.kernel_line: the message with the kernel's own stamp (issue 9, defect 10), None
+            # for a line the kernel did not write or a file line without a date (defect 9).
+            found = [f for f in (self.rules.classify(line.kernel_line, self.gpu_for_pci) for line in lines
+                                 if line.kernel_line is not None)
                      if f is not None and not self.before_boot(f)]
             if found:
                 counted = self.policy.add_events(found)
@@ -200,7 +209,7 @@ class Agent:
     def decide_and_act(self) -> Optional[Outcome]:
         with self._lock:
             state = [f for findings in self._state_findings.values() for f in findings]
-        decision = self.policy.decide(state, self.boot_time)
+        decision = self.policy.decide(state)
         self.metrics.pending_events.set(len(self.policy.pending_events))
         if decision is None:
             self._settled = None
@@ -218,7 +227,7 @@ class Agent:
         if outcome.settled:
             self._failures = 0
             self._settled = (signature, now)
-            self.policy.resolved(decision, applied=outcome is Outcome.APPLIED, boot_time=self.boot_time)
+            self.policy.resolved(decision)
         elif outcome.waiting:
             self._failures = 0
             self._retry_at = now + WAITING_RECHECK_SECONDS

@@ -17,21 +17,26 @@ Forms, told apart by their prefix:
     dmesg      [12345.678901] ...   `dmesg -x`: kern  :err   : [12345.678901] ...
                `journalctl -k -o short-monotonic`: [12345.678901] n2 kernel: ...
     dmesg -T   [Sun Nov 22 11:20:21 2026] ...
-    kmsg       6,1234,5678901,-;...   (/dev/kmsg)
+    kmsg       6,1234,5678901,-;...   (/dev/kmsg; parse_kmsg_record is the one parser of its records)
     bare       NVRM: ...
+    journal    a journal entry's MESSAGE (built by the journal source, never parsed from text)
 
 Anything else is taken as a bare message. Parsing never raises: kernel-log
 bytes are untrusted input, and an exception here would be a crash loop in the
 agent. Only the first MAX_LINE_CHARS characters are looked at: fault lines are
 short, and a 1 MB line must not cost the agent a megabyte of regex work.
+
+mask_user_text() replaces what users control in a message (process names,
+file names, mount options, cgroup paths) before any rule reads it (issue 9,
+defect 1): a process named `EDAC MC0: UE` must not read as a memory error.
 """
 from __future__ import annotations
 
 import datetime as dt
 import re
 import time
-from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple, Union
 
 MAX_LINE_CHARS = 4096
 
@@ -42,8 +47,11 @@ _CLOCK_RE = r"(?P<hh>\d\d):(?P<mi>\d\d):(?P<ss>\d\d)"
 
 # "<6>" in front of a line read from /proc/kmsg or sent raw over syslog.
 _PRI_RE = re.compile(r"<(?P<pri>\d{1,3})>")
-# /dev/kmsg: "priority,sequence,microseconds,flags[,more];message".
-_KMSG_RE = re.compile(r"(?P<pri>\d{1,4}),(?P<seq>\d{1,20}),(?P<usec>\d{1,20}),[^;]{0,64};")
+# /dev/kmsg: "priority,sequence,microseconds,flags[,more];message"; newer kernels add fields
+# such as caller=T123 after the flags.
+_KMSG_HEADER_RE = re.compile(
+    rb"(?P<pri>\d{1,4}),(?P<seq>\d{1,20}),(?P<usec>\d{1,20}),(?P<flags>[^,;]{0,8})(?:,[^;]{0,64})?")
+_KMSG_ESCAPE_RE = re.compile(rb"\\x([0-9a-fA-F]{2})")
 # The host is optional (some syslog templates drop it); it never contains a colon, which is what
 # keeps "Nov 22 11:20:21 kernel: NVRM: Xid" from reading as host "kernel:", tag "NVRM".
 _HEADER_TAIL = r" (?:(?P<host>[^\s:]{1,255}) )?(?P<tag>[^\s:\[\]]{1,128})(?:\[\d{1,10}\])?: ?"
@@ -73,7 +81,7 @@ _DMESG_X_LEVELS = ("emerg", "alert", "crit", "err", "warn", "notice", "info", "d
 class KernelLine:
     """The message of one log line and what its prefix said about it."""
     text: str                          # the message alone: timestamps, host and "kernel:" stripped
-    form: str                          # syslog, rfc3339, dmesg, dmesg_t, kmsg, bare
+    form: str                          # syslog, rfc3339, dmesg, dmesg_t, kmsg, journal, bare
     wall_time: Optional[float] = None  # epoch seconds, when the line carries a date
     uptime: Optional[float] = None     # seconds since boot (dmesg, /dev/kmsg)
     host: Optional[str] = None
@@ -107,7 +115,7 @@ def parse_line(line: Union[str, bytes], *, now: Optional[float] = None) -> Optio
     if pri:
         level, from_kernel = _decode_priority(int(pri["pri"]))
         line = line[pri.end():]
-    parsed = (_parse_kmsg(line, level, from_kernel) or _parse_syslog(line, level, from_kernel, now)
+    parsed = (_parse_kmsg(line) or _parse_syslog(line, level, from_kernel, now)
               or _parse_dmesg(line, level, from_kernel, now))
     if parsed is None:
         parsed = KernelLine(text=line, form="bare", level=level, from_kernel=from_kernel)
@@ -119,15 +127,67 @@ def _decode_priority(pri: int) -> Tuple[int, bool]:
     return pri & 7, pri >> 3 == 0
 
 
-def _parse_kmsg(line: str, level: Optional[int], from_kernel: bool) -> Optional[KernelLine]:
+def _parse_kmsg(line: str) -> Optional[KernelLine]:
     if not line[:1].isdigit():
         return None
-    m = _KMSG_RE.match(line)
+    record = parse_kmsg_record(line.encode("utf-8", "surrogatepass"))
+    return record.kernel_line() if record is not None else None
+
+
+@dataclass(frozen=True)
+class KmsgRecord:
+    """One /dev/kmsg record."""
+    facility: int
+    level: int        # syslog severity, 0 (emerg) .. 7 (debug)
+    seq: int
+    usec: int         # printk time: microseconds since boot
+    continued: bool   # flag "c": older kernels split one message over several records
+    message: str
+    fields: Dict[str, str] = field(default_factory=dict)  # SUBSYSTEM=pci, DEVICE=+pci:0000:00:01.0
+
+    def kernel_line(self, boot_wall_time: Optional[float] = None) -> KernelLine:
+        """The record as the rules read it; `boot_wall_time` (epoch seconds of the kernel's boot)
+        turns the printk stamp into the line's wall time (issue 9, defect 10)."""
+        wall = boot_wall_time + self.usec / 1e6 if boot_wall_time is not None else None
+        return KernelLine(text=self.message.strip(), form="kmsg", wall_time=wall, uptime=self.usec / 1e6,
+                          level=self.level, seq=self.seq, from_kernel=self.facility == 0)
+
+
+def _unescape_kmsg(body: bytes) -> bytes:
+    """Undo the kernel's \\xNN escaping, so text matches what syslog files hold.
+
+    Control bytes stay escaped: a message must stay one line."""
+    def byte(m: re.Match) -> bytes:
+        value = int(m.group(1), 16)
+        return bytes([value]) if value >= 0x20 and value != 0x7F else m.group(0)
+
+    return _KMSG_ESCAPE_RE.sub(byte, body) if b"\\x" in body else body
+
+
+def parse_kmsg_record(raw: bytes) -> Optional[KmsgRecord]:
+    """One /dev/kmsg record, or None if it is malformed. The only parser of the format: the
+    kmsg source reads records with it, parse_line reads pasted `cat /dev/kmsg` lines with it.
+
+    >>> r = parse_kmsg_record(b"4,1203,5123456,-;NVRM: Xid (PCI:0000:b9:00): 79, GPU has fallen off the bus.\\n")
+    >>> (r.level, r.seq, r.usec, r.message)
+    (4, 1203, 5123456, 'NVRM: Xid (PCI:0000:b9:00): 79, GPU has fallen off the bus.')
+    >>> parse_kmsg_record(b"garbage") is None
+    True
+    """
+    header, sep, rest = raw.partition(b";")
+    m = _KMSG_HEADER_RE.fullmatch(header) if sep else None
     if m is None:
         return None
-    level, from_kernel = _decode_priority(int(m["pri"]))
-    return KernelLine(text=line[m.end():].strip(), form="kmsg", uptime=int(m["usec"]) / 1e6,
-                      level=level, seq=int(m["seq"]), from_kernel=from_kernel)
+    prio = int(m["pri"])
+    lines = rest.split(b"\n")
+    fields: Dict[str, str] = {}
+    for meta in lines[1:]:
+        key, eq, value = meta[1:].partition(b"=")
+        if meta.startswith(b" ") and eq:
+            fields[key.decode("utf-8", "replace")] = _unescape_kmsg(value).decode("utf-8", "replace")
+    message = _unescape_kmsg(lines[0].replace(b"\x00", b"")).decode("utf-8", "replace")
+    return KmsgRecord(facility=prio >> 3, level=prio & 7, seq=int(m["seq"]), usec=int(m["usec"]),
+                      continued=m["flags"] == b"c", message=message, fields=fields)
 
 
 def _parse_syslog(line: str, level: Optional[int], from_kernel: bool, now: Optional[float]) -> Optional[KernelLine]:
@@ -221,3 +281,54 @@ def _rfc3339_time(m: re.Match) -> Optional[float]:
         return stamp + (float(m["frac"]) if m["frac"] else 0.0)
     except (ValueError, OverflowError, OSError):
         return None
+
+
+# ------------------------------------------------------------------ user-controlled text
+
+USER_MASK = "<user>"
+# A task's comm is at most 15 bytes, but a byte the kernel escapes (\xNN, rsyslog's #011) takes 4
+# characters: 64 characters always cover it.
+_COMM = r"(?P<user>.{1,64})"
+# Where the kernel echoes text users control, in front of or inside its own (issue 9, defect 1).
+# Each pattern's `user` group is replaced by USER_MASK before any rule reads the message. Comm
+# fields are matched greedily up to the kernel's own text that follows them, so whatever a user
+# puts into a name, the mask covers all of it (and at worst some kernel text after it).
+_USER_FIELDS = tuple(re.compile(p) for p in (
+    # "a.out[4242]: segfault at ...", "a.out[4242]: unhandled signal 11": the comm comes first.
+    r"\A" + _COMM + r"\[\d{1,10}\]: ",
+    # "a.out (4242): drop_caches: 3", "python (1234): Using mlock ulimits for SHM_HUGETLB ...".
+    r"\A" + _COMM + r" \(\d{1,10}\): ",
+    r"\A" + _COMM + r" invoked oom-killer: ",
+    r"\Atraps: " + _COMM + r"\[\d{1,10}\] ",
+    r"\AINFO: task " + _COMM + r":\d{1,10} (?:blocked|can't die) for more than ",
+    r"\b[Kk]ill(?:ed)? process \d{1,10} \((?P<user>.{0,64})\)",
+    r"\bsoft lockup - CPU#\d{1,5} stuck for \d{1,10}s! \[(?P<user>.{0,64}):\d{1,10}\]",
+    # oom-kill:constraint=...,oom_memcg=<cgroup path>,task_memcg=<cgroup path>,task=<comm>,pid=...
+    r"\Aoom-kill:(?P<user>.*)",
+    r"\AMemory cgroup stats for (?P<user>.*)",
+    r"\Acgroup: fork rejected by pids controller in (?P<user>.*)",
+    r"\bcomm (?P<user>.{1,64}?): ",                     # ext4: "inode #2: comm ls: reading directory"
+    r"\bin (?P<user>[^\[\]]{1,255})\[[0-9a-f]{1,16}\+[0-9a-f]{1,16}\]",  # segfault: "error 4 in a.out[7f00+1000]"
+    r"\bname=(?P<user>[^,]{0,64})(?=, )",               # NVRM: "pid=1234, name=python, ..."
+    r"\b(?:comm|name|exe|path|task|cgroup|dev|profile)=(?P<user>[^\s,]{1,255})",
+    r"\"(?P<user>.*)\"",                                # quoted names, options, paths: first to last quote
+    r"\bunknown mount option \[(?P<user>.*)\]",         # XFS
+    r"\bOpts: (?P<user>.*)",                            # ext4 "mounted filesystem ... Opts: <options>"
+))
+
+
+def mask_user_text(text: str) -> str:
+    """`text` with every field users control replaced by USER_MASK.
+
+    Rules are matched at the start of the message, where the subsystem writes its own prefix;
+    this masks what could still sit there or inside a rule's span: a comm that starts the message
+    (segfaults, traps), process, file and cgroup names, mount options, quoted strings.
+
+    >>> mask_user_text("EDAC MC0: UE[4242]: segfault at 0 ip 0 sp 0 error 4 in a.out[400000+1000]")
+    '<user>[4242]: segfault at 0 ip 0 sp 0 error 4 in <user>[400000+1000]'
+    """
+    for pattern in _USER_FIELDS:
+        m = pattern.search(text)
+        if m is not None and m.group("user"):
+            text = text[:m.start("user")] + USER_MASK + text[m.end("user"):]
+    return text

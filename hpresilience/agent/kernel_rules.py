@@ -22,6 +22,15 @@ keys, add rules, and change XID actions; there is no way to delete a shipped
 rule by omission, which is the point (cyclecloud-healthagent's list-valued
 config lost every default rule to a one-rule override).
 
+Where a rule matches (issue 9, defect 1): at the start of the message only
+(`re.match`, after the timestamp, host, "kernel:" and printk caller prefix are
+stripped), where the subsystem writes its own prefix, and on the message with
+every user-controlled field masked (kernel_line.mask_user_text: process, file
+and cgroup names, mount options, quoted strings). So a process named
+`EDAC MC0: UE` whose segfault, OOM kill or hung task the kernel reports never
+reads as a memory error, whoever wrote the rule. A pattern may not start with an
+unbounded repeat (`.*`), which would undo the anchor.
+
 Evaluation is pure and cheap: every pattern is compiled once, and a rule's
 regex runs only on lines holding one of the literal strings any match of it
 must contain (derived from the pattern itself, so an admin's rule gets the
@@ -47,7 +56,7 @@ except ImportError:
 from ..config import ConfigError, read_toml
 from ..finding import Finding, NodeAction
 from .config import SLURM_STATES
-from .kernel_line import KernelLine, parse_line
+from .kernel_line import KernelLine, mask_user_text, parse_line
 from .monitors.nvml import normalize_pci_bus_id
 
 RULES_DIR = Path(__file__).parent / "rules"
@@ -64,6 +73,9 @@ ACTION_SOURCES = {"xid": "xid", "xid_recovery": "recovery"}
 # Template fields the engine derives → the named group they are derived from.
 DERIVED_FIELDS = {"gpu": "pci", "mnemonic": "xid"}
 UNKNOWN_MNEMONIC = "UNKNOWN"
+# The longest repeat a pattern may start with: enough for a device or driver name in front of the
+# subsystem's text, too short to skip over a message to text a user wrote in it.
+MAX_LEADING_REPEAT = 64
 # POSSESSIVE_REPEAT is new in 3.11.
 _REPEATS = tuple(getattr(_sre, op) for op in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT") if hasattr(_sre, op))
 
@@ -148,7 +160,9 @@ class RuleSet:
         """The finding for one kernel-log line, or None when no rule matches.
 
         `line` is a raw line in any form kernel_line.parse_line reads, or an already parsed
-        KernelLine (whose wall time, when known, becomes the finding's observed_at). When several
+        KernelLine (whose wall time, the kernel's stamp, becomes the finding's observed_at; a line
+        without one is stamped now). Rules match at the start of the message with user-controlled
+        fields masked (issue 9, defect 1); the evidence is the message as logged. When several
         rules match, the most severe action wins, the first listed on a tie. `pci_to_gpu` maps a
         GPU's PCI id in sysfs form ("0000:b9:00.0") to its name, e.g. its index; the entity then
         reads "GPU 3 (0000:b9:00.0)", as the NVML monitor writes it, instead of "GPU (0000:b9:00.0)".
@@ -157,14 +171,14 @@ class RuleSet:
         parsed = line if isinstance(line, KernelLine) else parse_line(line)
         if parsed is None or not parsed.from_kernel:
             return None
-        text = parsed.text
+        text = mask_user_text(parsed.text)
         candidates = set(self._ungated)
         for literal in [s for s in self._literals if s in text]:
             candidates |= self._by_literal[literal]
         best: Optional[Tuple[Rule, NodeAction, re.Match]] = None
         for i in sorted(candidates):
             rule = self._active[i]
-            match = rule.pattern.search(text)
+            match = rule.pattern.match(text)
             if match is None:
                 continue
             action = self._action_of(rule, match)
@@ -184,7 +198,7 @@ class RuleSet:
             message=" ".join(rule.message.format_map(fields).split()),
             component=rule.component,
             entity=entity,
-            evidence=text,
+            evidence=parsed.text,
             rule=rule.name,
             slurm_state=rule.slurm_state,
             observed_at=parsed.wall_time if parsed.wall_time is not None else time.time(),
@@ -252,6 +266,27 @@ def _required_literals(pattern: re.Pattern) -> Optional[Tuple[str, ...]]:
     except Exception:  # the parser is internal to `re`: an unexpected shape only turns the gate off
         return None
     return tuple(sorted(literals)) if literals else None
+
+
+def _leading_repeat(pattern: re.Pattern) -> int:
+    """The most characters a repeat at the start of `pattern` can cover, 0 when it starts with none."""
+    try:
+        return _leading_repeat_of(list(_sre_parser.parse(pattern.pattern, pattern.flags)))
+    except Exception:  # the parser is internal to `re`: an unexpected shape only skips the check
+        return 0
+
+
+def _leading_repeat_of(items: List[Tuple[Any, Any]]) -> int:
+    if not items:
+        return 0
+    op, av = items[0]
+    if op in _REPEATS:
+        return av[1]
+    if op is _sre.SUBPATTERN:
+        return _leading_repeat_of(list(av[-1]))
+    if op is _sre.BRANCH:
+        return max(_leading_repeat_of(list(b)) for b in av[1])
+    return 0
 
 
 def _literals_of(items: List[Tuple[Any, Any]]) -> Optional[Set[str]]:
@@ -430,6 +465,9 @@ def _compile_rule(merged: _Merged, name: str) -> Rule:
         raise error(str(e), "pattern") from None
     if pattern.search("") is not None:
         raise error("matches an empty message, so it would match every line", "pattern")
+    if _leading_repeat(pattern) > MAX_LEADING_REPEAT:
+        raise error("starts with an unbounded repeat (such as .*): rules match at the start of the message, "
+                    "where the subsystem writes its prefix; begin with that prefix", "pattern")
     groups = set(pattern.groupindex)
     for derived in DERIVED_FIELDS:
         if derived in groups:

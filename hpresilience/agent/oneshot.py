@@ -4,6 +4,14 @@ HealthCheckProgram and the controller's verify step.
 The kernel log is read back to the current boot only: a fault line from before
 the last reboot was dealt with by that reboot (and, in /var/log/messages, would
 otherwise fail the node's verification forever).
+
+The kernel log gets the daemon's safeguards (issue 9, defect 9): the same
+sources and parsers (logsource), so a line another program wrote and a file
+line without a date are never classified, and every finding carries the time
+the kernel stamped its line (thresholds count over real time, not "now").
+With --apply, a line is acted on once: after a decision is settled, the lines
+read are marked in the agent's state_dir (check-applied.json), so a node the
+admin returned is not failed again for the same lines.
 """
 from __future__ import annotations
 
@@ -13,15 +21,16 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from ..finding import Finding, NodeAction
+from ..slurm import SlurmGateway
+from ..statefile import read_json, write_json
 from .actuator import Actuator, Outcome
 from .config import AgentConfig
 from .daemon import agent_gateway, build_monitors
-from .kernel_line import parse_line
-from .kernel_rules import load_rules
-from .logsource import parse_kmsg_record
+from .kernel_rules import RuleSet, load_rules
+from .logsource import KmsgSource, LogLine, LogSourceError, file_kernel_line, journal_lines
 from .monitor import MonitorError
 from .monitors.nvml import NvmlMonitor
 from .node import STAMP_SLACK_SECONDS, boot_time, node_name
@@ -29,80 +38,161 @@ from .policy import Policy
 
 # How much of a log file's end is scanned: enough for a busy day, bounded for a 60 s HealthCheckProgram.
 FILE_TAIL_BYTES = 16 * 1024 * 1024
+# With --apply: per source, the last line a settled decision covered.
+APPLIED_FILE = "check-applied.json"
+# Boot times read from /proc/uptime by different runs differ by jitter, not by this.
+BOOT_TOLERANCE_SECONDS = 30.0
+
+# Where a line stands in its source, stable from one run to the next: the /dev/kmsg sequence
+# number, else the line's timestamp; then its place among lines with the same one.
+Position = Tuple[float, int]
+
+
+@dataclass(frozen=True)
+class KernelEvent:
+    """A kernel-log finding since boot and where its line stands in its source."""
+    source: str
+    position: Position
+    finding: Finding
 
 
 @dataclass
 class CheckResult:
     findings: List[Finding] = field(default_factory=list)
     errors: List[str] = field(default_factory=list)
+    kernel_events: List[KernelEvent] = field(default_factory=list)  # every one since boot, oldest first
+    read_through: Dict[str, Position] = field(default_factory=dict)  # per source, the last line read
 
     @property
     def actionable(self) -> List[Finding]:
         return [f for f in self.findings if f.action is not NodeAction.NONE]
 
 
-def file_lines_since(path: Path, since: float) -> Iterator[str]:
-    """Lines of a syslog-style file stamped at or after `since`; undated lines are skipped
-    because nothing says which boot they belong to."""
+def file_lines(path: Path) -> List[LogLine]:
+    """The lines at the end of a syslog-style file (FILE_TAIL_BYTES of it), as its source reads them."""
     try:
         with open(path, "rb") as f:
             size = f.seek(0, os.SEEK_END)
             f.seek(max(0, size - FILE_TAIL_BYTES))
             data = f.read(FILE_TAIL_BYTES)
     except FileNotFoundError:
-        return
+        return []
     now = time.time()
-    for raw in data.splitlines():
-        parsed = parse_line(raw, now=now)
-        if parsed and parsed.wall_time is not None and parsed.wall_time >= since - STAMP_SLACK_SECONDS:
-            yield parsed.text
+    name = f"file:{path}"
+    texts = (raw.decode("utf-8", errors="replace") for raw in data.splitlines())
+    return [LogLine(text, name, now, file_kernel_line(text, now)) for text in texts if text]
 
 
-def kmsg_lines(path: str = "/dev/kmsg") -> Iterator[str]:
-    """Every kernel record still in the ring buffer: all of them are from this boot.
-    Records a program wrote to /dev/kmsg are skipped, as the agent skips them."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        while True:
-            try:
-                raw = os.read(fd, 16384)
-            except BlockingIOError:
-                return
-            except BrokenPipeError:
-                continue  # overwritten while we read: skip to the next record
-            record = parse_kmsg_record(raw)
-            if record is not None and record.facility == 0:
-                yield record.message
-    finally:
-        os.close(fd)
+def kmsg_lines(since: float, path: str = "/dev/kmsg") -> List[LogLine]:
+    """The ring buffer's records since `since`, read by the agent's own kmsg source."""
+    with tempfile.TemporaryDirectory() as scratch:  # no cursor: every run reads the whole boot
+        source = KmsgSource(scratch, path=path, max_age_seconds=time.time() - since + STAMP_SLACK_SECONDS)
+        try:
+            lines = source.read()
+            while source.lag_bytes():
+                lines += source.read()
+        finally:
+            source.close()
+    return lines
 
 
-def journal_lines() -> Iterator[str]:
-    proc = subprocess.run(["journalctl", "-k", "-b", "-o", "cat", "--no-pager", "-q"], capture_output=True,
+def journal_since_boot() -> List[LogLine]:
+    proc = subprocess.run(["journalctl", "-k", "-b", "-o", "json", "--all", "--no-pager", "-q"], capture_output=True,
                           timeout=20, stdin=subprocess.DEVNULL)
-    yield from proc.stdout.decode("utf-8", errors="replace").splitlines()
+    return journal_lines(proc.stdout.splitlines(), "journal")[0]
 
 
-def kernel_lines(spec: str, since: float) -> Iterator[str]:
+def kernel_lines(spec: str, since: float) -> List[LogLine]:
     if spec in ("kmsg", "/dev/kmsg"):
-        return kmsg_lines()
+        return kmsg_lines(since)
     if spec == "journal":
-        return journal_lines()
-    return file_lines_since(Path(spec), since)
+        return journal_since_boot()
+    return file_lines(Path(spec))
 
 
-def apply_result(config: AgentConfig, result: CheckResult) -> Optional[Outcome]:
+def kernel_events(rules: RuleSet, spec: str, lines: List[LogLine], since: float) -> List[KernelEvent]:
+    """The findings of `lines` stamped since `since`; lines not to be classified (another
+    program's, a file line without a date) give none, as in the daemon."""
+    events: List[KernelEvent] = []
+    for position, line in zip(positions(lines), lines):
+        finding = rules.classify(line.kernel_line) if line.kernel_line is not None else None
+        if finding is not None and finding.observed_at >= since - STAMP_SLACK_SECONDS:
+            events.append(KernelEvent(spec, position, finding))
+    return events
+
+
+def positions(lines: List[LogLine]) -> List[Position]:
+    out: List[Position] = []
+    last: Optional[float] = None
+    same = 0
+    for line in lines:
+        key = _position_key(line)
+        same = same + 1 if key == last else 0
+        last = key
+        out.append((key, same))
+    return out
+
+
+def _position_key(line: LogLine) -> float:
+    parsed = line.kernel_line
+    if parsed is None:
+        return -1.0
+    if parsed.seq is not None:
+        return float(parsed.seq)
+    return parsed.wall_time if parsed.wall_time is not None else -1.0
+
+
+@dataclass
+class AppliedMarks:
+    """With --apply: per source, the position through which a settled decision covered the
+    lines, within one boot (issue 9, defect 9: re-applying the whole log on every run failed
+    a node the admin had returned)."""
+    path: Path
+    boot: float
+    through: Dict[str, Position] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, state_dir: Path, boot: float) -> AppliedMarks:
+        path = state_dir / APPLIED_FILE
+        data = read_json(path, None)
+        marks = cls(path, boot)
+        if isinstance(data, dict) and isinstance(data.get("boot"), (int, float)) \
+                and abs(data["boot"] - boot) <= BOOT_TOLERANCE_SECONDS and isinstance(data.get("through"), dict):
+            for spec, mark in data["through"].items():
+                try:
+                    marks.through[spec] = (float(mark[0]), int(mark[1]))
+                except (TypeError, ValueError, IndexError):
+                    continue  # a damaged mark only means those lines are looked at again
+        return marks
+
+    def covers(self, event: KernelEvent) -> bool:
+        mark = self.through.get(event.source)
+        return mark is not None and event.position <= mark
+
+    def advance(self, read_through: Dict[str, Position]) -> None:
+        self.through.update(read_through)
+        write_json(self.path, {"boot": self.boot, "through": {k: list(v) for k, v in self.through.items()}})
+
+
+def apply_result(config: AgentConfig, result: CheckResult, gateway: Optional[SlurmGateway] = None
+                 ) -> Optional[Outcome]:
     """Take the node out of service for the check's findings, exactly as the agent
-    would (same policy and escalation history, same ownership rules)."""
-    boot = boot_time()
-    policy = Policy(config.policy, Path(config.agent.state_dir))
-    policy.add_events([f for f in result.findings if f.monitor == "kernel_log"])
-    decision = policy.decide([f for f in result.findings if f.monitor != "kernel_log"], boot)
+    would (same policy, same ownership rules, same cluster-wide budget).
+
+    Kernel-log lines a settled decision of an earlier run covered are not fed again; the others
+    since boot are, with their own timestamps, so thresholds count as the daemon's do."""
+    state_dir = Path(config.agent.state_dir)
+    marks = AppliedMarks.load(state_dir, boot_time())
+    policy = Policy(config.policy, state_dir)
+    policy.add_events([e.finding for e in result.kernel_events if not marks.covers(e)])
+    decision = policy.decide([f for f in result.findings if f.monitor != "kernel_log"])
     if decision is None:
         return None
-    outcome = Actuator(agent_gateway(), node_name(config.agent.node_name), config.agent.dry_run).apply(decision)
+    outcome = Actuator(gateway or agent_gateway(), node_name(config.agent.node_name), config.agent.dry_run,
+                       config.policy.shared_cause).apply(decision)
     if outcome.settled:
-        policy.resolved(decision, applied=outcome is Outcome.APPLIED, boot_time=boot)
+        policy.resolved(decision)
+        marks.advance(result.read_through)
     return outcome
 
 
@@ -121,15 +211,19 @@ def run_check(config: AgentConfig) -> CheckResult:
         finally:
             monitor.close()
     rules = load_rules(Path(config.kernel_log.rules_file) if config.kernel_log.rules_file else None)
-    events: List[Finding] = []
     for spec in config.kernel_log.sources:
         try:
-            events += [f for f in (rules.classify(text) for text in kernel_lines(spec, boot)) if f]
-        except (OSError, subprocess.SubprocessError) as e:
+            lines = kernel_lines(spec, boot)
+        except (OSError, subprocess.SubprocessError, LogSourceError) as e:
             result.errors.append(f"kernel log {spec}: {e}")
+            continue
+        result.kernel_events += kernel_events(rules, spec, lines, boot)
+        if lines:
+            result.read_through[spec] = max(positions(lines))
+    result.kernel_events.sort(key=lambda e: e.finding.observed_at)
     with tempfile.TemporaryDirectory() as scratch:
         # The agent's thresholds apply (a single system OOM is not a fault), without its journal.
-        counted = Policy(config.policy, Path(scratch)).add_events(events)
+        counted = Policy(config.policy, Path(scratch)).add_events([e.finding for e in result.kernel_events])
     unique: Dict[str, Finding] = {}
     for finding in state + counted:
         known = unique.get(finding.key)

@@ -153,10 +153,12 @@ class Reconciler:
         if current.step == Step.DRAIN:
             if paused or not self._limits_allow(node):
                 return
+            # Counted before the step: a reboot is issued inside leave_drain, and a give-up
+            # there only makes this pass more careful.
+            self.remediating[node.name] = set(node.partitions)
             current = self.steps.leave_drain(current, node)
             if current is None:
                 return
-            self.remediating[current.node] = set(node.partitions)
         work = self.steps.verify if current.step == Step.VERIFY else self.steps.provider_step
         self.inflight[current.node] = self.executor.submit(self._guarded, work, current)
 

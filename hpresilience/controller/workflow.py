@@ -226,7 +226,8 @@ class Steps:
             if not timeout or now - wf.data.get("step_at", now) < timeout:
                 return False
             log.warning("controller.drain_timeout", node=node.name, seconds=timeout)
-            self._write_reason(wf, node, NodeState.DOWN, node.reason or wf.reason)  # kills the jobs
+            reason = node.reason if node.action_reason is not None else self._reason(wf)
+            self._write_reason(wf, node, NodeState.DOWN, reason)  # kills the jobs
             self.journal.record(node.name, "drain_timeout", {"seconds": timeout}, wf.id)
             return False
         return True
@@ -322,7 +323,7 @@ class Steps:
 
         call = self.provider.power_cycle if wf.step == Step.POWER_CYCLE else self.provider.replace
         try:
-            result = call(node, wf.reason, dict(facts), note)
+            result = call(node, self._reason(wf), dict(facts), note)
         except ProviderInterrupted as e:
             log.warning("controller.provider_interrupted", node=node, workflow=wf.id, detail=str(e))
             self.to(wf, Step.AWAIT_NODE if wf.step == Step.REPLACE else Step.AWAIT_BOOT, {"interrupted": str(e)})
@@ -334,10 +335,12 @@ class Steps:
         self.crash_point(f"effect:{wf.step}")
         if result.spare:
             self._finish_with_spare(wf, result.spare)
-        elif wf.step == Step.REPLACE:
-            self.to(wf, Step.AWAIT_NODE, {"provider": result.detail})
-        else:
-            self.to(wf, Step.AWAIT_BOOT, {"provider": result.detail})
+            return
+        # The provider may have written our reason again (POWER_DOWN_FORCE): that is not a new flag.
+        now = self.gateway.node(node)
+        seen = self._seen(now) if now.action_reason is not None else {}
+        nxt = Step.AWAIT_NODE if wf.step == Step.REPLACE else Step.AWAIT_BOOT
+        self.to(wf, nxt, {"provider": result.detail, **seen})
 
     def _finish_with_spare(self, wf: Workflow, spare: str) -> None:
         why = f"{GAVE_UP_PREFIX} awaiting hardware repair, replaced by {spare} (workflow {wf.id})"
@@ -446,9 +449,15 @@ class Steps:
         return self.gateway.node(node.name)
 
     def _reason(self, wf: Workflow) -> str:
-        """The workflow's reason if it is an Action: reason, else a plain one for its action."""
+        """The reason we write for the workflow's effect: its own if it is an Action: reason.
+        A power cycle of a silent node starts from Slurm's "Not responding"; written by us, that
+        text would read as someone else's (Slurm's own is Slurm's only when SlurmUser wrote it),
+        so it becomes an Action: Reboot of ours that says what happens."""
         ours = parse_reason(wf.reason)
-        return str(ours) if ours is not None else format_reason(NodeAction.REBOOT)
+        if ours is not None:
+            return str(ours)
+        return format_reason(NodeAction.REBOOT, f"power cycle: {wf.reason}" if wf.action == NodeAction.POWER_CYCLE.value
+                             else "")
 
     def _reservation(self, node: str) -> str:
         return f"{self.config.verify.reservation_prefix}{node}"

@@ -75,7 +75,9 @@ def test_xid_73_gives_reboot(agents):
 
 def test_xid_13_changes_nothing(agents):
     agents.tc("log", "n3", "NVRM: Xid (PCI:0000:b9:00): 13, pid=1234, name=python, Graphics SM Warp Exception")
-    time.sleep(2)
+    # Issue 9, defect 15: first the positive sign that the agent read and classified the line.
+    log = agents.dir / "nodes" / "n3" / "agent.log"
+    wait_until(lambda: '"code": "XID_13"' in log.read_text(), 10, "the agent to log XID 13")
     assert state_and_reason(agents, "n3") == ("IDLE", None)
 
 
@@ -83,11 +85,10 @@ def test_admin_drain_keeps_admin_reason(agents):
     subprocess.run(["scontrol", "update", "nodename=n3", "state=drain", "reason=admin: fan noise"],
                    env=slurm_env(agents), check=True, timeout=30)
     agents.tc("log", "n3", XID_LINE.format(xid=74))
-    time.sleep(2)
+    log = agents.dir / "nodes" / "n3" / "agent.log"
+    wait_until(lambda: '"outcome": "foreign_reason"' in log.read_text(), 10, "the agent to see the admin's reason")
     state, reason = state_and_reason(agents, "n3")
     assert reason == "admin: fan noise" and "DRAIN" in state
-    log = (agents.dir / "nodes" / "n3" / "agent.log").read_text()
-    assert '"outcome": "foreign_reason"' in log
     # The fault is not forgotten: once the admin returns the node, the agent acts on it.
     subprocess.run(["scontrol", "update", "nodename=n3", "state=resume"], env=slurm_env(agents), check=True,
                    timeout=30)
@@ -161,7 +162,11 @@ def test_no_replay_after_agent_restart(agents):
     agents.tc("kill", "n1")
     agents.tc("start", "n1")
     resume(agents, "n1")  # Slurm may hold it DOWN as "unexpectedly rebooted"
-    time.sleep(3)
+    # Issue 9, defect 15: the restarted agent is running and has read its log before we
+    # conclude it did nothing with the old line.
+    wait_until(lambda: agent_log(agents, "n1").count('"agent.started"') >= 2, 20, "agent restarted")
+    agents.tc("log", "n1", "NVRM: Xid (PCI:0000:b9:00): 13, pid=1, name=probe, marker after restart")
+    wait_until(lambda: "marker after restart" in agent_log(agents, "n1"), 20, "the restarted agent to read")
     # The XID 73 line is still in kern.log; the restarted agent must not act on it again.
     assert state_and_reason(agents, "n1") == ("IDLE", None)
 

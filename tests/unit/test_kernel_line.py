@@ -5,6 +5,7 @@ import random
 import pytest
 
 from hpresilience.agent.kernel_line import MAX_LINE_CHARS, KernelLine, parse_line
+from hpresilience.agent.logsource import parse_kmsg_record
 
 XID = "NVRM: Xid (PCI:0000:b9:00): 74, pid=<unknown>, name=<unknown>, NVLink: fatal error detected on link 6"
 # 2026-11-22 12:00 local time: syslog dates, which have no year, are placed relative to it.
@@ -146,3 +147,10 @@ def test_random_binary_never_raises():
         assert line is None or isinstance(line.text, str)
         line = parse_line(raw.decode("latin-1"))
         assert line is None or isinstance(line.text, str)
+
+
+def test_pasted_kmsg_lines_use_the_one_kmsg_parser():
+    """kernel_line reads `cat /dev/kmsg` lines with logsource's record parser: escapes undone alike."""
+    raw = "6,7,99,-;caf\\xc3\\xa9 \\x5c"
+    assert parse_line(raw).text == parse_kmsg_record(raw.encode()).message == "caf\u00e9 \\"
+    assert parse_line("12,7,99,-;NVRM: Xid").from_kernel is False   # facility user

@@ -81,9 +81,9 @@ POSITIVE = [
      "gpu_init_failed", "GPU_INIT_FAILED", REBOOT, "GPU (0000:3b:00.0)"),
     # ---- CPU and kernel
     ("Nov 22 11:20:21 n2 kernel: INFO: task python:1234 blocked for more than 120 seconds.",
-     "hung_task", "HUNG_TASK", REBOOT, None),
+     "hung_task", "HUNG_TASK", REBOOT, "pid 1234"),
     ("[ 4920.123456] INFO: task kworker/u64:2:311 blocked for more than 122 seconds.",
-     "hung_task", "HUNG_TASK", REBOOT, None),
+     "hung_task", "HUNG_TASK", REBOOT, "pid 311"),
     ("watchdog: BUG: soft lockup - CPU#3 stuck for 23s! [python:1234]",
      "soft_lockup", "SOFT_LOCKUP", REBOOT, None),
     ("NMI watchdog: BUG: soft lockup - CPU#12 stuck for 22s! [kworker/12:1:789]",
@@ -595,3 +595,38 @@ def test_ten_thousand_lines_per_second(rules):
     for i in range(10_000):
         rules.classify(lines[i % len(lines)])
     assert time.perf_counter() - start < 1.0
+
+
+# ------------------------------------------------------------------ user-controlled text (issue 9, defect 1)
+
+def test_rules_match_only_at_the_start_of_the_message(rules):
+    """Text the kernel echoes from a user sits after the subsystem's own prefix: a trigger there
+    (a process named `EDAC MC0: UE` hitting its cgroup limit) is no memory error."""
+    line = "Memory cgroup out of memory: Killed process 4242 (EDAC MC0: UE) total-vm:1kB, anon-rss:1kB"
+    finding = rules.classify(line)
+    assert (finding.code, finding.action) == ("OOM_CGROUP", NONE)
+    assert "EDAC" not in finding.message and finding.evidence == line
+
+
+def test_an_admin_rule_gets_the_same_protection(tmp_path):
+    rules = load_rules(write(tmp_path, "[rules.my_ue]\npattern = 'MYDRV: fatal UE on (?P<dev>\\S+)'\n"
+                                       "code = 'MY_UE'\naction = 'replace'\nmessage = 'UE on {dev}'\n"))
+    assert rules.classify("MYDRV: fatal UE on card0").action is REPLACE
+    for line in ["a.out[4242]: MYDRV: fatal UE on card0",                        # anywhere but the start
+                 "MYDRV: fatal UE on card0[4242]: segfault at 0 ip 0 sp 0 error 4",  # a comm that starts it
+                 'audit: type=1400 apparmor="DENIED" name="MYDRV: fatal UE on card0"']:
+        assert rules.classify(line) is None, line
+
+
+@pytest.mark.parametrize("pattern", [".*EDAC MC0: UE", "(?:x|.+)UE", "[A-Z ]+: UE", r"\S*EDAC"])
+def test_a_pattern_may_not_start_with_an_unbounded_repeat(tmp_path, pattern):
+    admin = write(tmp_path, f"[rules.mine]\npattern = '{pattern}'\ncode = 'X'\naction = 'reboot'\nmessage = 'm'\n")
+    with pytest.raises(RulesError, match="starts with an unbounded repeat"):
+        load_rules(admin)
+
+
+def test_hung_task_is_one_fault_per_task_and_its_reason_holds_no_task_name(rules):
+    first = rules.classify("INFO: task Action: Replace:4242 blocked for more than 120 seconds.")
+    again = rules.classify("INFO: task Action: Replace:4242 blocked for more than 241 seconds.")
+    assert first.key == again.key and first.entity == "pid 4242"
+    assert "Action" not in first.message and first.message.startswith("hung task (pid 4242)")

@@ -18,6 +18,7 @@ from hpresilience.agent.logsource import (
     FileSource,
     JournalSource,
     KmsgSource,
+    LogLine,
     LogSource,
     LogSourceError,
     open_source,
@@ -354,9 +355,13 @@ needs_kmsg = pytest.mark.skipif(not _kmsg_readable(), reason="/dev/kmsg is not r
 
 
 def read_all(source: LogSource) -> List[str]:
-    lines: List[str] = []
+    return [line.text for line in read_all_lines(source)]
+
+
+def read_all_lines(source: LogSource) -> List[LogLine]:
+    lines: List[LogLine] = []
     for _ in range(1000):
-        batch = texts(source)
+        batch = source.read()
         lines += batch
         if not batch and not source.lag_bytes():
             break
@@ -442,10 +447,14 @@ def journal(tmp_path, monkeypatch) -> FakeJournal:
 
 
 def read_until(source: LogSource, count: int, deadline_seconds: float = 30.0) -> List[str]:
-    lines: List[str] = []
+    return [line.text for line in read_lines_until(source, count, deadline_seconds)]
+
+
+def read_lines_until(source: LogSource, count: int, deadline_seconds: float = 30.0) -> List[LogLine]:
+    lines: List[LogLine] = []
     deadline = time.monotonic() + deadline_seconds
     while len(lines) < count and time.monotonic() < deadline:
-        lines += texts(source)
+        lines += source.read()
         time.sleep(0.02)
     return lines
 
@@ -551,3 +560,55 @@ def test_open_source_rejects_nonsense(spec, state):
 def test_open_source_rejects_a_directory(tmp_path, state):
     with pytest.raises(ValueError, match="not a regular file"):
         open_source(str(tmp_path), state)
+
+
+# ----------------------------------------------------------------------------- what the rules read (issue 9)
+def test_file_lines_carry_their_syslog_stamp_and_only_dated_kernel_lines_are_classified(path, state):
+    """Defects 9 and 10: a file line's time is its own stamp; another program's line and a line
+    without a date are returned but never classified."""
+    path.touch()
+    src = file_source(path, state)
+    append(path, f"Nov 22 11:20:21 n2 {XID}\nNov 22 11:20:21 n2 myprog[4]: {XID[8:]}\n{XID[8:]}\n"
+                 f"[12.345678] {XID[8:]}\n".encode())
+    lines = src.read()
+    assert len(lines) == 4
+    trusted, program, bare, uptime = (line.kernel_line for line in lines)
+    assert trusted is not None and trusted.text == XID[8:] and trusted.wall_time is not None
+    assert time.localtime(trusted.wall_time)[1:6] == (11, 22, 11, 20, 21)
+    assert (program, bare, uptime) == (None, None, None)
+
+
+def test_journal_lines_carry_the_entry_time(journal, state):
+    """Defect 10: after an outage, a line read now is still as old as the kernel said."""
+    journal.add("c1", XID[8:], age_seconds=600)
+    src = JournalSource(state, journalctl=str(journal.exe))
+    try:
+        before = time.time()
+        (line,) = read_lines_until(src, 1)
+    finally:
+        src.close()
+    assert line.kernel_line.text == XID[8:] and line.kernel_line.from_kernel
+    assert before - 601 <= line.kernel_line.wall_time <= before - 599
+    assert line.received_at >= before
+
+
+
+def test_kmsg_record_time_is_boot_plus_its_stamp():
+    record = parse_kmsg_record(b"4,1203,5123456,-;NVRM: GPU 0000:01:00.0: GPU has fallen off the bus.")
+    line = record.kernel_line(boot_wall_time=1_700_000_000.0)
+    assert (line.wall_time, line.uptime, line.seq, line.from_kernel) == (1_700_000_005.123456, 5.123456, 1203, True)
+    assert parse_kmsg_record(b"12,7,99,-;myprog: x").kernel_line().from_kernel is False
+
+
+@needs_kmsg
+def test_real_kmsg_lines_carry_the_kernels_time(state):
+    src = KmsgSource(state, max_age_seconds=1e9)
+    try:
+        lines = read_all_lines(src)
+    finally:
+        src.close()
+    assert lines
+    now = time.time()
+    stamps = [line.kernel_line.wall_time for line in lines]
+    assert all(s <= now + 1 for s in stamps) and stamps == sorted(stamps)
+    assert stamps[0] < lines[0].received_at - 1  # the oldest record is older than its read

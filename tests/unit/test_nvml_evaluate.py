@@ -6,17 +6,20 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import pytest
 
 from hpresilience.agent.monitors.nvml import (
+    NVLINK_WINDOW_POINTS,
     DbeEvent,
     GpuStatus,
     NvLinkStatus,
     NvmlConfig,
     NvmlSnapshot,
+    SnapshotHistory,
     XidEvent,
     evaluate,
     gpu_for_pci_bus_id,
     normalize_pci_bus_id,
 )
 from hpresilience.finding import Finding, NodeAction
+from hpresilience.slurm.scontrol_parse import parse_nodes
 
 PCI = ["0000:1b:00.0", "0000:43:00.0", "0000:52:00.0", "0000:61:00.0"]
 CONFIG = NvmlConfig(expected_gpus=4, startup_grace_seconds=300)
@@ -54,9 +57,9 @@ def codes(findings: List[Finding]) -> List[Tuple[str, NodeAction]]:
     return [(f.code, f.action) for f in findings]
 
 
-def run(current: NvmlSnapshot, previous: Optional[NvmlSnapshot] = None, config: NvmlConfig = CONFIG,
+def run(current: NvmlSnapshot, *history: NvmlSnapshot, config: NvmlConfig = CONFIG,
         now: float = AFTER_GRACE) -> List[Finding]:
-    return evaluate(current, previous, config, now=now, started_at=0.0)
+    return evaluate(current, history, config, now=now, started_at=0.0)
 
 
 @pytest.mark.parametrize("changes, expected", [
@@ -118,6 +121,32 @@ def test_gpu_count(count: int, now: float, expected_gpus: Optional[int], expecte
     assert codes(run(current, config=config, now=now)) == expected
 
 
+@pytest.mark.parametrize("gres, expected", [
+    ("gpu:8(S:0-1)", 8),
+    ("gpu:h100:8(S:0-1),nic:1", 8),
+    # Issue 9, defect 6: MIG instances are not GPUs. 36 instances on 8 A100s made every boot GPU_COUNT_LOW.
+    ("gpu:1g.10gb:28(S:0),gpu:3g.40gb:8(S:1)", None),
+    ("gpu:1g.5gb+me:7", None),
+    ("gpu:7g.80gb:8", None),
+    ("gpu:a100_1g.5gb:14,gpu:a100:4", None),       # partly MIG: the physical count is still unknown
+    ("gpu:nvidia_a100_3g.39gb:2", None),           # Slurm's AutoDetect=nvml names
+    ("gpu:1c.2g.10gb:3", None),                    # a compute-instance profile
+    ("gpu:a100-sxm4-80gb:8", 8),                   # a memory size in a type name is not a profile
+])
+def test_expected_gpus_from_slurm_gres_are_physical(gres: str, expected: Optional[int]) -> None:
+    (node,) = parse_nodes(f"NodeName=n1 State=IDLE Gres={gres}\n")
+    assert node.gpu_count == expected
+
+
+def test_mig_node_is_never_short_of_its_instances() -> None:
+    """8 physical GPUs split into 36 MIG instances: NVML counts the 8, and with no expected
+    count from Slurm nothing is compared (the monitor falls back to the most GPUs seen)."""
+    (node,) = parse_nodes("NodeName=n1 State=IDLE Gres=gpu:1g.10gb:28(S:0),gpu:3g.40gb:8(S:1)\n")
+    eight = snapshot(*[gpu(i % 4) for i in range(8)])
+    assert run(eight, config=NvmlConfig(expected_gpus=node.gpu_count)) == []
+    assert codes(run(eight, config=NvmlConfig(expected_gpus=9))) == [("GPU_COUNT_LOW", NodeAction.REBOOT)]
+
+
 def test_gpu_count_names_the_missing_gpu() -> None:
     (finding,) = run(snapshot(gpu(0), gpu(1), gpu(2), missing=("0000:61:00.0",)))
     assert finding.message == "GPU count 3 < expected 4" and finding.entity is None
@@ -134,31 +163,80 @@ def with_errors(taken_at: float, errors: Dict[str, int], uuid: str = "GPU-3") ->
 
 
 LIFETIME = 10_000_000  # errors since driver load, long ago
+WINDOW = CONFIG.nvlink_window_seconds
 
 
 @pytest.mark.parametrize("before, after, seconds, expected", [
-    (None, {"replay": LIFETIME}, 60, []),                              # no previous reading: no rate, no verdict
-    ({"replay": LIFETIME}, {"replay": LIFETIME}, 60, []),               # huge total, zero rate
-    ({"replay": LIFETIME}, {"replay": LIFETIME + 30}, 60, []),          # 30/min under 60/min
-    ({"replay": LIFETIME}, {"replay": LIFETIME + 100}, 60, [("NVLINK_ERRORS", NodeAction.REPLACE)]),
-    ({"replay": 0}, {"replay": 20}, 10, [("NVLINK_ERRORS", NodeAction.REPLACE)]),  # 120/min over a short interval
-    ({"recovery": 5}, {"recovery": 200}, 60, [("NVLINK_ERRORS", NodeAction.REPLACE)]),
-    ({"crc_flit": 0}, {"crc_flit": 5000}, 60, []),                     # CRC errors matter only at 100+/s
-    ({"crc_flit": 0}, {"crc_flit": 7000}, 60, [("NVLINK_ERRORS", NodeAction.REPLACE)]),
-    ({"replay": LIFETIME}, {"replay": 500}, 60, []),                   # counter reset by a driver reload
+    (None, {"replay": LIFETIME}, WINDOW, []),                           # no earlier reading: no rate, no verdict
+    ({"replay": LIFETIME}, {"replay": LIFETIME}, WINDOW, []),            # huge total, zero rate
+    ({"replay": LIFETIME}, {"replay": LIFETIME + 500}, WINDOW, []),      # 50/min under 60/min
+    ({"replay": LIFETIME}, {"replay": LIFETIME + 700}, WINDOW, [("NVLINK_ERRORS", NodeAction.REBOOT)]),
+    ({"recovery": 5}, {"recovery": 1000}, WINDOW, [("NVLINK_ERRORS", NodeAction.REBOOT)]),
+    ({"crc_flit": 0}, {"crc_flit": 50_000}, WINDOW, []),                # CRC errors matter only at 100+/s
+    ({"crc_flit": 0}, {"crc_flit": 70_000}, WINDOW, [("NVLINK_ERRORS", NodeAction.REBOOT)]),
+    ({"replay": LIFETIME}, {"replay": 500}, WINDOW, []),                # counter reset by a driver reload
+    # Issue 9, defect 7: two replay errors 1.05 s apart were "114/min" and replaced the node.
+    ({"replay": 0}, {"replay": 2}, 1.05, []),
+    ({"replay": 0}, {"replay": 20_000}, WINDOW - 1, []),                # not watched for a whole window yet
 ])
 def test_nvlink_error_rates(before: Optional[Dict[str, int]], after: Dict[str, int], seconds: float,
                             expected: list) -> None:
-    previous = with_errors(AFTER_GRACE - seconds, before) if before is not None else None
-    assert codes(run(with_errors(AFTER_GRACE, after), previous)) == expected
+    history = [with_errors(AFTER_GRACE - seconds, before)] if before is not None else []
+    assert codes(run(with_errors(AFTER_GRACE, after), *history)) == expected
+
+
+@pytest.mark.parametrize("errors, expected", [(9, []), (10, [("NVLINK_ERRORS", NodeAction.REBOOT)])])
+def test_nvlink_rate_needs_a_minimum_count(errors: int, expected: list) -> None:
+    config = NvmlConfig(expected_gpus=4, nvlink_error_rate_per_min={"replay": 0.1}, nvlink_min_errors=10)
+    history = with_errors(AFTER_GRACE - WINDOW, {"replay": 0})
+    assert codes(run(with_errors(AFTER_GRACE, {"replay": errors}), history, config=config)) == expected
+
+
+@pytest.mark.parametrize("second_at, expected", [
+    (AFTER_GRACE - WINDOW, [("NVLINK_ERRORS", NodeAction.REBOOT)]),   # 700 in the last 600 s
+    (AFTER_GRACE - WINDOW + 1, []),                                    # window from the first: 700 in 1000 s
+])
+def test_nvlink_window_starts_at_the_latest_reading_a_window_old(second_at: float, expected: list) -> None:
+    history = [with_errors(AFTER_GRACE - 1000, {"replay": 0}), with_errors(second_at, {"replay": 0})]
+    assert codes(run(with_errors(AFTER_GRACE, {"replay": 700}), *history)) == expected
 
 
 def test_nvlink_rate_message_and_swapped_gpu() -> None:
-    previous = with_errors(940, {"replay": 0})
-    (finding,) = run(with_errors(1000, {"replay": 120}), previous)
+    history = with_errors(AFTER_GRACE - WINDOW, {"replay": 0})
+    (finding,) = run(with_errors(AFTER_GRACE, {"replay": 1200}), history)
     assert finding.component == "nvlink" and "link 1 replay 120/min > 60/min" in finding.message
+    assert finding.evidence == "counter increase over 600s"
     # A different GPU at the same index (replaced, or indices moved): its counters are not comparable.
-    assert run(with_errors(1000, {"replay": 120}, uuid="GPU-new"), previous) == []
+    assert run(with_errors(AFTER_GRACE, {"replay": 1200}, uuid="GPU-new"), history) == []
+
+
+@pytest.mark.parametrize("fields, problem", [
+    ({"nvlink_window_seconds": 59}, "per minute"),
+    ({"nvlink_min_errors": 0}, ">= 1"),
+    ({"nvlink_error_rate_per_min": {"replays": 60.0}}, "unknown counter 'replays'"),
+])
+def test_config_rejects(fields: dict, problem: str) -> None:
+    NvmlConfig().validate()
+    with pytest.raises(ValueError, match=problem):
+        NvmlConfig(**fields).validate()
+
+
+def test_snapshot_history_feeds_rates_over_a_whole_window_only() -> None:
+    """The monitor's loop, one reading a second for three windows: quiet, then a one-minute burst
+    of 2 errors/s (120/min within the minute, 12/min over the window), then 2 errors/s throughout."""
+    history = SnapshotHistory(WINDOW)
+    window = int(WINDOW)
+    replay = 0
+    verdicts = {}
+    for second in range(3 * window + 1):
+        if window < second <= window + 60 or second > 2 * window:
+            replay += 2
+        current = with_errors(second, {"replay": replay})
+        verdicts[second] = codes(evaluate(current, history.snapshots, CONFIG, now=AFTER_GRACE, started_at=0.0))
+        history.add(current)
+        assert len(history.snapshots) <= NVLINK_WINDOW_POINTS + 1
+    assert all(verdicts[s] == [] for s in range(2 * window))
+    assert verdicts[3 * window] == [("NVLINK_ERRORS", NodeAction.REBOOT)]
 
 
 def test_pcie_gpus_are_never_flagged_for_nvlink() -> None:

@@ -27,8 +27,9 @@ DRIVER = Path(__file__).resolve().parents[1] / "fake_nvml" / "monitor_driver.py"
 class MonitorProcess:
     """An NvmlMonitor in its own process; each method is one command to it."""
 
-    def __init__(self, env: Dict[str, str], **config: Any) -> None:
-        self._proc = subprocess.Popen([sys.executable, str(DRIVER), json.dumps(config)], stdin=subprocess.PIPE,
+    def __init__(self, env: Dict[str, str], manual_clock: bool = False, **config: Any) -> None:
+        argv = [sys.executable, str(DRIVER), json.dumps(config)] + (["--manual-clock"] if manual_clock else [])
+        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         self._lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -50,6 +51,10 @@ class MonitorProcess:
         assert "findings" in reply, reply
         return [(f["code"], f["action"], f["entity"]) for f in reply["findings"]]
 
+    def advance(self, seconds: float) -> None:
+        """Moves a --manual-clock monitor's clock on."""
+        assert "now" in self.ask(f"advance {seconds}")
+
     def stop(self) -> str:
         """Kill it; return what it logged."""
         self._proc.kill()
@@ -61,8 +66,10 @@ class MonitorProcess:
 def start(lib_dir: Path, state: FakeGpuState) -> Iterator:
     started: List[MonitorProcess] = []
 
-    def start(env: Optional[Dict[str, str]] = None, call_log: Optional[Path] = None, **config: Any) -> MonitorProcess:
-        started.append(MonitorProcess(env or fake_nvml_env(lib_dir, state.path, call_log=call_log), **config))
+    def start(env: Optional[Dict[str, str]] = None, call_log: Optional[Path] = None, manual_clock: bool = False,
+              **config: Any) -> MonitorProcess:
+        started.append(MonitorProcess(env or fake_nvml_env(lib_dir, state.path, call_log=call_log), manual_clock,
+                                      **config))
         return started[-1]
 
     yield start
@@ -87,12 +94,12 @@ def test_lost_gpu(start, state: FakeGpuState) -> None:
 
 
 def test_gpu_count_drop_is_a_fault_only_after_the_grace_period(start, state: FakeGpuState) -> None:
-    monitor = start(startup_grace_seconds=1.5)
+    monitor = start(manual_clock=True, startup_grace_seconds=300)
     assert monitor.check() == []
-    started = time.monotonic()  # the monitor (and its grace period) started before this
     state.gpus(7)
+    monitor.advance(299)
     assert monitor.check() == []  # within the grace period
-    time.sleep(max(0.0, 1.6 - (time.monotonic() - started)))
+    monitor.advance(1)
     reply = monitor.ask("check")
     assert [(f["code"], f["action"]) for f in reply["findings"]] == [("GPU_COUNT_LOW", "reboot")]
     assert reply["findings"][0]["message"] == "GPU count 7 < expected 8"
@@ -124,11 +131,19 @@ def test_faults_read_through_nvml(start, state: FakeGpuState) -> None:
 
 def test_nvlink_down_and_error_rate(start, state: FakeGpuState) -> None:
     state.nvlink(0, 5, replay=1_000_000)  # a big total from long ago is not a fault
-    monitor = start(startup_grace_seconds=0)
+    monitor = start(manual_clock=True, startup_grace_seconds=0)
     assert monitor.check() == []
-    state.nvlink(0, 5, replay=1_000_000 + 10_000).nvlink(2, 7, active=False)
+    # Issue 9, defect 7: two errors a second later were "114/min" and a replace.
+    state.nvlink(0, 5, replay=1_000_002).nvlink(2, 7, active=False)
+    monitor.advance(1.05)
+    assert monitor.check() == [("NVLINK_DOWN", "reboot", "GPU 2 (0000:75:00.0)")]
+    state.nvlink(0, 5, replay=1_000_000 + 10_000)
+    monitor.advance(300)
+    assert monitor.check() == [("NVLINK_DOWN", "reboot", "GPU 2 (0000:75:00.0)")]  # half a window watched
+    monitor.advance(300)
+    # A whole window since the first reading: a rate, and a reboot (a repeat after it escalates).
     assert sorted(monitor.check()) == [("NVLINK_DOWN", "reboot", "GPU 2 (0000:75:00.0)"),
-                                       ("NVLINK_ERRORS", "replace", "GPU 0 (0000:53:00.0)")]
+                                       ("NVLINK_ERRORS", "reboot", "GPU 0 (0000:53:00.0)")]
 
 
 def test_pcie_gpus_without_nvlink(start, state: FakeGpuState) -> None:

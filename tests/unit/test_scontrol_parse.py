@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from hpresilience.slurm.errors import ParseError
 from hpresilience.action import NodeAction
+from hpresilience.slurm.errors import ParseError
 from hpresilience.slurm.scontrol_parse import parse_jobs, parse_nodes, parse_record, parse_state, parse_version
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "scontrol"

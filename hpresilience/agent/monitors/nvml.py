@@ -1,7 +1,8 @@
 """The NVML GPU monitor of the node agent.
 
 Collection (`NvmlCollector.collect`, which talks to the driver through pynvml)
-is kept apart from evaluation (`evaluate`, a pure function of two snapshots),
+is kept apart from evaluation (`evaluate`, a pure function of the new snapshot
+and earlier ones),
 so every fault rule is tested with plain data and the NVML path with the real
 pynvml against a fake libnvidia-ml (tests/fake_nvml).
 
@@ -30,6 +31,17 @@ REBOOT: the error retires a page or needs a row remap, which takes effect only
 after a GPU reset, and the agent's reset is a reboot). The event is kept apart
 from the volatile DBE counter (ECC_DBE_VOLATILE) because it arrives even where
 that counter is unsupported, and within the check in which it happened.
+
+NVLink error counters: a rate is the counter's increase over at least
+`nvlink_window_seconds` (10 min) of watched time, compared with the per-minute
+threshold only when it is at least `nvlink_min_errors`; no rate before the
+monitor has watched a whole window. NVLINK_ERRORS is a reboot, never a replace
+on its own: errors that return after the reboot are escalated (issue 9, defect 7).
+
+Expected GPU count: `expected_gpus`, else what the daemon read from Slurm's
+Gres, else the most GPUs seen since start. A MIG GRES counts instances, not
+GPUs, so the daemon takes no count from it (issue 9, defect 6): nvmlDeviceGetCount
+counts physical GPUs, MIG or not.
 """
 from __future__ import annotations
 
@@ -39,7 +51,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, TypeVar
 
 import pynvml
 import structlog
@@ -70,6 +82,9 @@ NVLINK_COUNTERS: Dict[str, int] = {
 # DCGM's hardware limits: 1 replay/recovery error per second; CRC errors only
 # matter at 100+ per second.
 DEFAULT_NVLINK_RATES: Dict[str, float] = {"replay": 60.0, "recovery": 60.0, "crc_flit": 6000.0, "crc_data": 6000.0}
+# The monitor keeps about this many readings per NVLink window, evenly spaced: the span a rate is measured
+# over is then between the window and 1/NVLINK_WINDOW_POINTS longer, whatever the check interval.
+NVLINK_WINDOW_POINTS = 60
 
 RECOVERY_ACTIONS: Dict[int, str] = {
     pynvml.NVML_GPU_RECOVERY_ACTION_GPU_RESET: "GPU_RESET",
@@ -104,9 +119,23 @@ class NvmlConfig:
     pass_timeout_seconds: float = 60.0       # one whole collection, however busy the calls
     nvlink: bool = True
     nvlink_error_rate_per_min: Dict[str, float] = field(default_factory=lambda: dict(DEFAULT_NVLINK_RATES))
+    # Rates are the counter's increase over at least this much watched time, and never fewer errors than
+    # nvlink_min_errors (issue 9, defect 7: two replay errors 1.05 s apart read as 114/min).
+    nvlink_window_seconds: float = 600.0
+    nvlink_min_errors: int = 10
     throttle_mask: int = DEFAULT_THROTTLE_MASK
     event_wait_ms: int = 50                  # first event wait of a check; the rest only drain the queue
     max_events_per_check: int = 1000         # an event flood is read over several checks, never in one
+
+    def validate(self) -> None:
+        if self.nvlink_window_seconds < 60:
+            raise ValueError("nvlink_window_seconds must be >= 60: the thresholds are per minute")
+        if self.nvlink_min_errors < 1:
+            raise ValueError("nvlink_min_errors must be >= 1")
+        unknown = sorted(set(self.nvlink_error_rate_per_min) - set(NVLINK_COUNTERS))
+        if unknown:
+            raise ValueError(f"nvlink_error_rate_per_min: unknown counter {unknown[0]!r} "
+                             f"(known: {', '.join(NVLINK_COUNTERS)})")
 
 
 # ---- snapshot ------------------------------------------------------------------------------------
@@ -201,15 +230,20 @@ def gpu_for_pci_bus_id(snapshot: NvmlSnapshot, bus_id: str) -> Optional[Tuple[in
 # ---- evaluation ----------------------------------------------------------------------------------
 
 
-def evaluate(snapshot: NvmlSnapshot, previous: Optional[NvmlSnapshot], config: NvmlConfig, now: float,
+def evaluate(snapshot: NvmlSnapshot, history: Sequence[NvmlSnapshot], config: NvmlConfig, now: float,
              started_at: float) -> List[Finding]:
     """What is wrong now. `now` and `started_at` are on the snapshots' clock.
 
-    Counter rates use the difference to `previous`, never totals since driver
-    load: a link that erred last week is not failing now."""
+    `history` holds earlier readings, oldest first (see SnapshotHistory). NVLink
+    counter rates are the increase since the latest of them taken at least
+    `nvlink_window_seconds` before `snapshot`: never totals since driver load (a
+    link that erred last week is not failing now), and never a rate extrapolated
+    from a shorter span; until the monitor has watched a whole window there is no
+    rate at all (issue 9, defect 7)."""
     findings = _check_count(snapshot, config, now, started_at)
-    before = {g.index: g for g in previous.gpus} if previous else {}
-    elapsed = snapshot.taken_at - previous.taken_at if previous else 0.0
+    reference = _window_start(snapshot, history, config.nvlink_window_seconds)
+    elapsed = snapshot.taken_at - reference.taken_at if reference else 0.0
+    before = {g.index: g for g in reference.gpus} if reference and elapsed > 0 else {}
     for gpu in snapshot.gpus:
         findings.extend(_check_gpu(gpu, before.get(gpu.index), elapsed, config))
     entities = {g.index: g.entity for g in snapshot.gpus}
@@ -223,6 +257,33 @@ def evaluate(snapshot: NvmlSnapshot, previous: Optional[NvmlSnapshot], config: N
                                  f"{entity} double-bit ECC error (NVML event), needs a GPU reset", entity,
                                  f"nvmlEventTypeDoubleBitEccError count={dbe.count}", component="memory"))
     return findings
+
+
+def _window_start(snapshot: NvmlSnapshot, history: Sequence[NvmlSnapshot], window: float) -> Optional[NvmlSnapshot]:
+    """The latest earlier reading taken at least `window` before `snapshot`; None while there is none."""
+    horizon = snapshot.taken_at - window
+    return next((earlier for earlier in reversed(history) if earlier.taken_at <= horizon), None)
+
+
+class SnapshotHistory:
+    """The earlier readings `evaluate` measures NVLink rates against: one every
+    window/NVLINK_WINDOW_POINTS seconds, back to the latest one taken at least a
+    window ago, so memory stays bounded whatever the check interval."""
+
+    def __init__(self, window_seconds: float) -> None:
+        self._window = window_seconds
+        self._spacing = window_seconds / NVLINK_WINDOW_POINTS
+        self.snapshots: List[NvmlSnapshot] = []
+
+    def add(self, snapshot: NvmlSnapshot) -> None:
+        kept = self.snapshots
+        if kept and snapshot.taken_at - kept[-1].taken_at < self._spacing:
+            return
+        kept.append(snapshot)
+        # The latest reading at or before the horizon starts the window; older ones are spent.
+        horizon = snapshot.taken_at - self._window
+        while len(kept) >= 2 and kept[1].taken_at <= horizon:
+            kept.pop(0)
 
 
 def _finding(code: str, action: NodeAction, message: str, entity: Optional[str], evidence: str,
@@ -293,30 +354,35 @@ def _check_nvlink(gpu: GpuStatus, before: Optional[GpuStatus], elapsed: float, c
     if down:
         out.append(_finding("NVLINK_DOWN", NodeAction.REBOOT, f"{name} NVLink down: link {','.join(map(str, down))}",
                             name, f"nvmlDeviceGetNvLinkState=0 links={down}", component="nvlink"))
-    rates = _nvlink_rates(gpu, before, elapsed)
-    over = [f"link {link} {counter} {rate:.0f}/min > {config.nvlink_error_rate_per_min[counter]:.0f}/min"
-            for (link, counter), rate in rates.items()
-            if counter in config.nvlink_error_rate_per_min and rate > config.nvlink_error_rate_per_min[counter]]
+    limits = config.nvlink_error_rate_per_min
+    over = []
+    for (link, counter), grew in sorted(_nvlink_increase(gpu, before).items()):
+        rate = grew * 60.0 / elapsed
+        if counter in limits and grew >= config.nvlink_min_errors and rate > limits[counter]:
+            over.append(f"link {link} {counter} {rate:.0f}/min > {limits[counter]:g}/min")
     if over:
-        # A high error rate on a link that stays up is a bad link, cable or
-        # connector: NVIDIA's catalog says WORKFLOW_NVLINK_ERR, which maps to replace.
-        out.append(_finding("NVLINK_ERRORS", NodeAction.REPLACE, f"{name} NVLink errors: {'; '.join(over)}", name,
-                            f"over {elapsed:.0f}s", component="nvlink"))
+        # A high error rate on a link that stays up points at the link, cable or connector (NVIDIA's
+        # catalog: WORKFLOW_NVLINK_ERR), but a counter rate alone is at most a reboot (issue 9, defect 7):
+        # the reboot retrains the links, and errors that return after it (same code, same GPU) are
+        # escalated to replace.
+        out.append(_finding("NVLINK_ERRORS", NodeAction.REBOOT, f"{name} NVLink errors: {'; '.join(over)}", name,
+                            f"counter increase over {elapsed:.0f}s", component="nvlink"))
     return out
 
 
-def _nvlink_rates(gpu: GpuStatus, before: Optional[GpuStatus], elapsed: float) -> Dict[Tuple[int, str], float]:
-    if before is None or before.lost or elapsed <= 0 or (gpu.uuid and before.uuid and gpu.uuid != before.uuid):
+def _nvlink_increase(gpu: GpuStatus, before: Optional[GpuStatus]) -> Dict[Tuple[int, str], int]:
+    """How much each link counter grew since `before`, the same GPU's reading a window ago."""
+    if before is None or before.lost or (gpu.uuid and before.uuid and gpu.uuid != before.uuid):
         return {}
     old = {link.link: link.errors for link in before.nvlinks}
-    rates: Dict[Tuple[int, str], float] = {}
+    grown: Dict[Tuple[int, str], int] = {}
     for link in gpu.nvlinks:
         for counter, value in link.errors.items():
             previous = old.get(link.link, {}).get(counter)
-            # A counter that went down was reset (driver reload): no rate this time.
+            # A counter that went down was reset (driver reload) within the window: no rate this time.
             if previous is not None and value >= previous:
-                rates[(link.link, counter)] = (value - previous) * 60.0 / elapsed
-    return rates
+                grown[(link.link, counter)] = value - previous
+    return grown
 
 
 # ---- collection ----------------------------------------------------------------------------------
@@ -721,6 +787,7 @@ class NvmlMonitor:
         self._collector = NvmlCollector(self.config, self._tracker, clock)
         self._thread: Optional[NvmlThread] = None
         self._previous: Optional[NvmlSnapshot] = None
+        self._history = SnapshotHistory(self.config.nvlink_window_seconds)
         self._most_gpus_seen = 0
         if not self.config.enabled:
             self._disable("disabled in configuration")
@@ -760,8 +827,9 @@ class NvmlMonitor:
             # Not configured: the most GPUs seen since start, so a GPU that drops out is
             # noticed; one missing from the first reading on needs expected_gpus.
             config = replace(config, expected_gpus=self._most_gpus_seen)
-        findings = evaluate(snapshot, self._previous, config, now, self.started_at)
+        findings = evaluate(snapshot, self._history.snapshots, config, now, self.started_at)
         self._previous = snapshot
+        self._history.add(snapshot)
         return findings
 
     def close(self) -> None:

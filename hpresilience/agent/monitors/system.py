@@ -13,6 +13,14 @@ treated lifetime counters as current faults). How each finding clears:
 - IB_LINK_FLAPPING, EDAC_CE_RATE: the increments age out of their window.
 - EDAC_UE: a new boot (the monitor's first pass is its reference).
 - FS_*, MEMORY_*: the condition is gone on the next pass.
+
+One outside event must not fail every node it touches (issue 9, defect 8): a
+leaf switch reboot downs the ports of all nodes behind it, a file server down at
+boot leaves its mount missing on every client. Port state and missing mounts
+therefore count only once they persist well beyond such an event
+(`ib_port_down_seconds`, `mount_missing_seconds`, 10 min each), and flapping
+needs more link-downs than a switch reboot causes. A hung mount (FS_UNRESPONSIVE)
+and a full one are reported without an action.
 """
 from __future__ import annotations
 
@@ -47,11 +55,16 @@ class SystemConfig:
     # at the monitor's first pass, so unused ports are never flagged but a port already down at start is
     # missed: list the ports to catch that.
     ib_expected_ports: Optional[List[str]] = None
-    ib_port_down_seconds: float = 30.0          # not ACTIVE this long: a link retrain or SM sweep is shorter
-    ib_link_downed_count: int = 2               # link_downed grew by this much ...
+    # A port's state has outside causes: a leaf switch that reboots (minutes) takes down the port of every
+    # node behind it, so only a port down well beyond that is this node's fault (issue 9, defect 8).
+    ib_port_down_seconds: float = 600.0         # not ACTIVE (or gone from sysfs) this long
+    ib_link_downed_count: int = 5               # link_downed grew by this much ... (a switch reboot costs 1-3)
     ib_link_downed_window_seconds: float = 600.0  # ... within this: flapping
     # Mount points that must be mounted and read-write; they are also the ones checked for space.
     writable_mounts: List[str] = field(default_factory=lambda: ["/"])
+    # Missing this long: a network filesystem whose server was down at boot is mounted late on every
+    # client at once, which is no node's fault (issue 9, defect 8).
+    mount_missing_seconds: float = 600.0
     full_threshold_percent: float = 98.0        # used >= this: FS_FULL
     statvfs_timeout_seconds: float = 5.0        # a hung NFS/Lustre mount never answers
     # MemTotal of a healthy node of this type, in GiB (what /proc/meminfo shows, a little under the DIMM sum).
@@ -69,8 +82,8 @@ class SystemConfig:
             raise ValueError("ib_link_downed_count and edac_ce_count must be >= 1")
         if min(self.ib_link_downed_window_seconds, self.edac_ce_window_seconds, self.statvfs_timeout_seconds) <= 0:
             raise ValueError("windows and statvfs_timeout_seconds must be > 0")
-        if self.ib_port_down_seconds < 0:
-            raise ValueError("ib_port_down_seconds must be >= 0")
+        if min(self.ib_port_down_seconds, self.mount_missing_seconds) < 0:
+            raise ValueError("ib_port_down_seconds and mount_missing_seconds must be >= 0")
         if self.expected_memory_gib is not None and self.expected_memory_gib <= 0:
             raise ValueError("expected_memory_gib must be > 0")
         for port in self.ib_expected_ports or []:
@@ -84,7 +97,8 @@ class SystemConfig:
     @property
     def history_seconds(self) -> float:
         """How far back `evaluate` looks."""
-        return max(self.ib_port_down_seconds, self.ib_link_downed_window_seconds, self.edac_ce_window_seconds)
+        return max(self.ib_port_down_seconds, self.ib_link_downed_window_seconds, self.edac_ce_window_seconds,
+                   self.mount_missing_seconds)
 
 
 # ------------------------------------------------------------------ snapshot
@@ -145,7 +159,8 @@ class SystemSnapshot:
         """The readings `evaluate` compares across passes: the monitor keeps a snapshot only when they change."""
         ports = None if self.ports is None else sorted((n, p.state, p.link_downed) for n, p in self.ports.items())
         edac = sorted((mc, e.ce_count, e.ue_count) for mc, e in self.edac.items())
-        return (ports, sorted(self.unreadable_devices), edac)
+        mounted = None if self.mounts is None else sorted(self.mounts)
+        return (ports, sorted(self.unreadable_devices), edac, mounted)
 
 
 # ---------------------------------------------------------------- collection
@@ -376,7 +391,7 @@ def evaluate(snapshot: SystemSnapshot, previous: Sequence[SystemSnapshot], confi
     in which no port or EDAC reading changed: the value at a time is read from the
     latest snapshot taken at or before it."""
     return (_check_ports(snapshot, previous, config, now)
-            + _check_mounts(snapshot, config, now)
+            + _check_mounts(snapshot, previous, config, now)
             + _check_memory(snapshot, config, now)
             + _check_edac(snapshot, previous, config, now))
 
@@ -427,11 +442,18 @@ def _port_down(snapshot: SystemSnapshot, name: str) -> Optional[bool]:
     return port.state != "ACTIVE"
 
 
-def _down_since(name: str, snapshots: Sequence[SystemSnapshot]) -> Optional[float]:
-    """When the port's current run of not-ACTIVE readings began; None if it is not down now."""
+def _mount_missing(snapshot: SystemSnapshot, mount_point: str) -> Optional[bool]:
+    """True: not mounted; False: mounted; None: the mount table could not be read."""
+    return None if snapshot.mounts is None else mount_point not in snapshot.mounts
+
+
+def _bad_since(snapshots: Sequence[SystemSnapshot], bad: Callable[[SystemSnapshot], Optional[bool]]
+               ) -> Optional[float]:
+    """When the current run of readings in which `bad` holds began; None if it does not hold now.
+    A reading that could not tell (None) ends the run: the time restarts after it."""
     since = None
     for snapshot in reversed(snapshots):
-        if not _port_down(snapshot, name):
+        if not bad(snapshot):
             break
         since = snapshot.taken_at
     return since
@@ -443,7 +465,7 @@ def _check_ports(snapshot: SystemSnapshot, previous: Sequence[SystemSnapshot], c
         return []
     findings = []
     for name in _expected_ports(snapshot, previous, config):
-        since = _down_since(name, [*previous, snapshot])
+        since = _bad_since([*previous, snapshot], lambda s, n=name: _port_down(s, n))
         if since is None or now - since < config.ib_port_down_seconds:
             continue
         device, _, number = name.partition("/")
@@ -480,16 +502,20 @@ def _link_downed(snapshot: SystemSnapshot, name: str) -> Optional[int]:
     return None if port is None else port.link_downed
 
 
-def _check_mounts(snapshot: SystemSnapshot, config: SystemConfig, now: float) -> List[Finding]:
+def _check_mounts(snapshot: SystemSnapshot, previous: Sequence[SystemSnapshot], config: SystemConfig,
+                  now: float) -> List[Finding]:
     if snapshot.mounts is None:
         return []  # the table could not be read: say nothing rather than call every mount missing
     findings = []
     for mount_point in sorted({os.path.normpath(m) for m in config.writable_mounts}):
         mount = snapshot.mounts.get(mount_point)
         if mount is None:
-            # A reboot mounts fstab again; jobs meanwhile would write to the disk underneath.
-            findings.append(_finding("FS_MISSING", NodeAction.REBOOT, "filesystem", mount_point,
-                                     f"{mount_point} is not mounted", "not in /proc/1/mounts", now))
+            since = _bad_since([*previous, snapshot], lambda s, m=mount_point: _mount_missing(s, m))
+            if since is not None and now - since >= config.mount_missing_seconds:
+                # A reboot mounts fstab again; jobs meanwhile would write to the disk underneath.
+                findings.append(_finding("FS_MISSING", NodeAction.REBOOT, "filesystem", mount_point,
+                                         f"{mount_point} is not mounted",
+                                         f"not in /proc/1/mounts for {now - since:.0f}s", now))
             continue
         evidence = f"{mount.source} on {mount_point} type {mount.fs_type}"
         if mount.read_only:
