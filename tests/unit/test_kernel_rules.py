@@ -585,17 +585,6 @@ def test_random_binary_never_raises(rules):
         rules.classify(base[:cut] + noise + base[cut:])
 
 
-def test_ten_thousand_lines_per_second(rules):
-    """The agent must keep up with a flood; measured ~120,000 noise lines/s and ~50,000 XID lines/s."""
-    lines = ["Nov 22 11:20:21 n2 kernel: IPv6: ADDRCONF(NETDEV_CHANGE): ib0: link becomes ready",
-             "[12345.678901] audit: type=1400 audit(1700000000.123:456): apparmor=\"DENIED\" operation=\"open\"",
-             "6,1234,5678901,-;mlx5_core 0000:5e:00.0 ens1f0np0: Link up",
-             "Nov 22 11:20:21 n2 kernel: NVRM: Xid (PCI:0000:b9:00): 95, pid=1, name=python, Uncontained: FBHUB"]
-    start = time.perf_counter()
-    for i in range(10_000):
-        rules.classify(lines[i % len(lines)])
-    assert time.perf_counter() - start < 1.0
-
 
 # ------------------------------------------------------------------ user-controlled text (issue 9, defect 1)
 
