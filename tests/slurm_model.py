@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Set, Tuple
 
 from hpresilience.slurm.hostlist import expand, fold
-from hpresilience.slurm.models import Job, Node, PendingJob, Reservation, Step, StepResult
+from hpresilience.slurm.models import Job, Node, RequeuedJob, Reservation, Step, StepResult
 from hpresilience.slurm.runner import Target, classify
 
 EPOCH = dt.datetime(2026, 11, 22, 12, 0, 0, tzinfo=dt.timezone.utc)
@@ -335,10 +335,10 @@ class SlurmModel:
         return [self._show_job(self._get_job(job_id, argv))]
 
     @_locked
-    def pending_jobs(self) -> List[PendingJob]:
+    def requeued_jobs(self) -> List[RequeuedJob]:
         """The backend's contract: requeued jobs (restarts >= 1) waiting for their BeginTime."""
         self._reachable(["squeue", "--states=PD"])
-        return [PendingJob(j.job_id, j.reason, j.restarts, j.comment) for j in self._jobs.values()
+        return [RequeuedJob(j.job_id, j.restarts, j.comment) for j in self._jobs.values()
                 if j.state == "PENDING" and j.reason == "BeginTime" and j.restarts >= 1]
 
     @_locked
@@ -681,7 +681,8 @@ class SlurmModel:
             rec.flags -= {"POWERING_UP", "NOT_RESPONDING"}
             rec.alive, rec.boot, rec.down = True, self._t, False
             self._set_reason(rec, None, None)
-            self._slurm_write(rec.name, {"state": self._show_node(rec).state_text})
+            # The reason is gone, whoever wrote it: recorded, so checkers see Slurm cleared it.
+            self._slurm_write(rec.name, {"state": self._show_node(rec).state_text, "reason": ""})
 
     def _registered(self, rec: _Node) -> None:
         """slurmd (re)registers with its current boot."""
@@ -702,9 +703,11 @@ class SlurmModel:
         self._slurm_write(rec.name, {"state": "DOWN", "reason": rec.reason or ""})
 
     def _slurm_reason(self, rec: _Node, reason: str) -> None:
-        # set_node_down_ptr() writes its reason only over none or its own "Not responding"; measured for
-        # "Node unexpectedly rebooted" (an Action: reason survives, docs/testcluster.md).
-        if not rec.reason or (rec.reason.startswith(NOT_RESPONDING) and rec.reason_user == self.slurm_user_name):
+        # set_node_down_ptr() writes its reason only over none or one that starts with "Not responding",
+        # whoever wrote it: measured on 22.05, an admin's "Not responding - DO NOT POWER CYCLE" set before
+        # the node went DOWN became Slurm's "Not responding"; set after, it stays. An Action: reason
+        # survives (docs/testcluster.md).
+        if not rec.reason or rec.reason.startswith(NOT_RESPONDING):
             self._set_reason(rec, reason, self.slurm_user_name)
 
     def _kill_jobs(self, rec: _Node) -> None:

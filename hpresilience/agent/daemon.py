@@ -9,6 +9,7 @@ and pinging systemd's watchdog.
 from __future__ import annotations
 
 import dataclasses
+import random
 import signal
 import threading
 import time
@@ -43,6 +44,9 @@ SCONTROL_TIMEOUT = 15.0  # below the unit's WatchdogSec=30
 # While someone else's reason or a reboot is on the node, look again this often:
 # once the admin returns the node, a fault seen meanwhile is acted on.
 WAITING_RECHECK_SECONDS = 10.0
+# A fault reported but not applied because its cluster-wide budget was spent is looked
+# at again after this (and a random half of it more).
+BUDGET_RECHECK_SECONDS = 600.0
 
 
 def agent_gateway() -> SlurmGateway:
@@ -89,7 +93,7 @@ class Agent:
         self._state_findings: Dict[str, List[Finding]] = {}
         self._monitor_thread: Optional[threading.Thread] = None
         self._monitor_stop = threading.Event()
-        self._settled: Optional[tuple] = None   # (decision signature, monotonic time it was settled)
+        self._settled: Optional[tuple] = None   # (decision signature, monotonic time it may be looked at again)
         self._retry_at = 0.0
         self._failures = 0
         self._configure(config)
@@ -218,15 +222,19 @@ class Agent:
         signature = (decision.action, frozenset(f.key for f in decision.findings))
         if now < self._retry_at:
             return None
-        if (self._settled and self._settled[0] == signature
-                and now - self._settled[1] < self.config.agent.reverify_seconds):
+        if self._settled and self._settled[0] == signature and now < self._settled[1]:
             # Settled already: a persisting fault must not cost slurmctld an RPC per poll.
             return None
         outcome = self.actuator.apply(decision)
         self.metrics.actions.labels(decision.action.value, outcome.value).inc()
         if outcome.settled:
             self._failures = 0
-            self._settled = (signature, now)
+            hold = self.config.agent.reverify_seconds
+            if outcome is Outcome.BUDGET_SPENT:
+                # Counting the partition's faults reads every node: in an outside event that hits
+                # thousands of nodes, each agent looks again only this rarely, spread out.
+                hold = max(hold, BUDGET_RECHECK_SECONDS * random.uniform(1.0, 1.5))
+            self._settled = (signature, now + hold)
             self.policy.resolved(decision)
         elif outcome.waiting:
             self._failures = 0

@@ -35,8 +35,8 @@ from __future__ import annotations
 import datetime as dt
 import re
 import time
-from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
 
 MAX_LINE_CHARS = 4096
 
@@ -50,7 +50,7 @@ _PRI_RE = re.compile(r"<(?P<pri>\d{1,3})>")
 # /dev/kmsg: "priority,sequence,microseconds,flags[,more];message"; newer kernels add fields
 # such as caller=T123 after the flags.
 _KMSG_HEADER_RE = re.compile(
-    rb"(?P<pri>\d{1,4}),(?P<seq>\d{1,20}),(?P<usec>\d{1,20}),(?P<flags>[^,;]{0,8})(?:,[^;]{0,64})?")
+    rb"(?P<pri>\d{1,4}),(?P<seq>\d{1,20}),(?P<usec>\d{1,20}),[^,;]{0,8}(?:,[^;]{0,64})?")
 _KMSG_ESCAPE_RE = re.compile(rb"\\x([0-9a-fA-F]{2})")
 # The host is optional (some syslog templates drop it); it never contains a colon, which is what
 # keeps "Nov 22 11:20:21 kernel: NVRM: Xid" from reading as host "kernel:", tag "NVRM".
@@ -136,14 +136,13 @@ def _parse_kmsg(line: str) -> Optional[KernelLine]:
 
 @dataclass(frozen=True)
 class KmsgRecord:
-    """One /dev/kmsg record."""
+    """One /dev/kmsg record: its header and its message (the " KEY=value" lines after it are
+    dropped; no rule reads them)."""
     facility: int
     level: int        # syslog severity, 0 (emerg) .. 7 (debug)
     seq: int
     usec: int         # printk time: microseconds since boot
-    continued: bool   # flag "c": older kernels split one message over several records
     message: str
-    fields: Dict[str, str] = field(default_factory=dict)  # SUBSYSTEM=pci, DEVICE=+pci:0000:00:01.0
 
     def kernel_line(self, boot_wall_time: Optional[float] = None) -> KernelLine:
         """The record as the rules read it; `boot_wall_time` (epoch seconds of the kernel's boot)
@@ -179,15 +178,9 @@ def parse_kmsg_record(raw: bytes) -> Optional[KmsgRecord]:
     if m is None:
         return None
     prio = int(m["pri"])
-    lines = rest.split(b"\n")
-    fields: Dict[str, str] = {}
-    for meta in lines[1:]:
-        key, eq, value = meta[1:].partition(b"=")
-        if meta.startswith(b" ") and eq:
-            fields[key.decode("utf-8", "replace")] = _unescape_kmsg(value).decode("utf-8", "replace")
-    message = _unescape_kmsg(lines[0].replace(b"\x00", b"")).decode("utf-8", "replace")
-    return KmsgRecord(facility=prio >> 3, level=prio & 7, seq=int(m["seq"]), usec=int(m["usec"]),
-                      continued=m["flags"] == b"c", message=message, fields=fields)
+    first = rest.partition(b"\n")[0]
+    message = _unescape_kmsg(first.replace(b"\x00", b"")).decode("utf-8", "replace")
+    return KmsgRecord(facility=prio >> 3, level=prio & 7, seq=int(m["seq"]), usec=int(m["usec"]), message=message)
 
 
 def _parse_syslog(line: str, level: Optional[int], from_kernel: bool, now: Optional[float]) -> Optional[KernelLine]:
@@ -210,6 +203,10 @@ def _parse_syslog(line: str, level: Optional[int], from_kernel: bool, now: Optio
     if up:
         uptime = float(up["uptime"])
         rest = rest[up.end():]
+        # ... and with CONFIG_PRINTK_CALLER the caller after it: "[123.4][ T12] INFO: task ..."
+        caller = _CALLER_RE.match(rest)
+        if caller:
+            rest = rest[caller.end():]
     return KernelLine(text=rest.strip(), form=form, wall_time=wall, uptime=uptime, host=m["host"],
                       level=level, from_kernel=from_kernel and m["tag"] == "kernel")
 
@@ -286,48 +283,83 @@ def _rfc3339_time(m: re.Match) -> Optional[float]:
 # ------------------------------------------------------------------ user-controlled text
 
 USER_MASK = "<user>"
-# A task's comm is at most 15 bytes, but a byte the kernel escapes (\xNN, rsyslog's #011) takes 4
-# characters: 64 characters always cover it.
+# A task's comm is at most 15 bytes, but a byte the kernel or syslog escapes (\xNN, rsyslog's #011)
+# takes 4 characters: 64 characters always cover it. Every user group is one repeat, bounded or to the
+# end of the line, never nested, so a mask costs time linear in the line whatever a user writes.
 _COMM = r"(?P<user>.{1,64})"
-# Where the kernel echoes text users control, in front of or inside its own (issue 9, defect 1).
-# Each pattern's `user` group is replaced by USER_MASK before any rule reads the message. Comm
-# fields are matched greedily up to the kernel's own text that follows them, so whatever a user
-# puts into a name, the mask covers all of it (and at worst some kernel text after it).
-_USER_FIELDS = tuple(re.compile(p) for p in (
-    # "a.out[4242]: segfault at ...", "a.out[4242]: unhandled signal 11": the comm comes first.
-    r"\A" + _COMM + r"\[\d{1,10}\]: ",
-    # "a.out (4242): drop_caches: 3", "python (1234): Using mlock ulimits for SHM_HUGETLB ...".
-    r"\A" + _COMM + r" \(\d{1,10}\): ",
-    r"\A" + _COMM + r" invoked oom-killer: ",
-    r"\Atraps: " + _COMM + r"\[\d{1,10}\] ",
+# A comm at the start of a message may follow a fixed prefix ("traps: "): the start masks cover both.
+_LEAD = r"\A(?P<user>.{1,80})"
+# Where the kernel echoes text users control (issue 9, defect 1). Each pattern names the user field
+# by the kernel's own fixed text around it (the format strings cited), and its `user` group is
+# replaced by USER_MASK before any rule reads the message. Each field is matched greedily up to the
+# kernel text that closes it, so whatever a name holds (brackets, colons, commas) the mask covers
+# all of it; the closing text is longer than a comm, so a name cannot fake it.
+_FIELDS = tuple(re.compile(p) for p in (
+    # Lines that start with the comm, recognised by the kernel text after it (16+ characters, more
+    # than a comm holds, so no name elsewhere in a line can make a subsystem's line look like one):
+    # x86 show_signal_msg "%s%s[%d]: segfault at %lx ip %px sp %px error %lx"; arm64/riscv
+    # "%s[%d]: unhandled signal %d code 0x%x at ..." and "%s[%d]: unhandled exception: ";
+    # x86 signal_fault "%s[%d] bad frame in %s frame:%p ip:%lx sp:%lx orax:%lx";
+    # x86 warn_bad_vsyscall "%s%s[%d] %s ip:%lx cs:%lx ..." with "misaligned vsyscall (exploit attempt
+    # or buggy program) ...", "vsyscall attempted with vsyscall=none", "vsyscall fault (exploit
+    # attempt?)", "vsyscall read attempt denied ...", "seccomp tried to change syscall nr or ip";
+    # x86 traps "traps: %s[%d] general protection fault ip:..." and "traps: %s[%d] trap %s ip:...";
+    # fs/drop_caches.c "%s (%d): drop_caches: %d"; ipc/shm.c "%s (%d): Using mlock ulimits for
+    # SHM_HUGETLB ..."; kernel/exit.c "%s (%d) used greatest stack depth:
+    # %lu bytes left"; mm/oom_kill.c "%s invoked oom-killer: gfp_mask=..."; mm/page_alloc.c warn_alloc
+    # "%s: %pV, mode:..." with "page allocation failure: order:%u" and mm/vmalloc.c "vmalloc error:
+    # size %lu, ..."; x86 pgtable_bad "%s: Corrupted page table at address %lx".
+    _LEAD + r"(?:\[\d{1,10}\](?:: segfault at |: unhandled (?:signal|exception)| bad frame in "
+    r"| misaligned vsyscall | vsyscall (?:attempted|fault|read attempt)| seccomp tried to change"
+    r"| general protection | trap )"
+    r"| \(\d{1,10}\)(?:: drop_caches: | used greatest stack depth: |: Using mlock ulimits for SHM_HUGETLB)"
+    r"| invoked oom-killer: "
+    r"|: (?:page allocation failure: |vmalloc error: size |vmalloc: allocation failure|Corrupted page table ))",
+    # NVIDIA: "NVRM: Xid (PCI:%s): %d, pid=%s, name=%s, %s". The name may hold ", ": it runs to the
+    # recovery text of XID 154 (longer than a comm, so never inside one), else to the end of the line
+    # (no rule reads the driver's text after the name of another XID).
+    r"\ANVRM: Xid \([^()]{0,40}\): \d{1,5}, pid=[^,]{0,16}, name="
+    r"(?P<user>.{0,64}?(?=, GPU recovery action changed from )|.*)",
+    # mm/oom_kill.c: "%s: Killed process %d (%s) total-vm:...", older "Kill process %d (%s) score",
+    # oom_reaper: "reaped process %d (%s), now anon-rss:".
+    r"\b(?:[Kk]ill(?:ed)?|reaped) process \d{1,10} \((?P<user>.{0,64})\)",
+    # kernel/hung_task.c: "INFO: task %s:%d blocked for more than %ld seconds." (and "can't die").
     r"\AINFO: task " + _COMM + r":\d{1,10} (?:blocked|can't die) for more than ",
-    r"\b[Kk]ill(?:ed)? process \d{1,10} \((?P<user>.{0,64})\)",
+    # kernel/watchdog.c: "BUG: soft lockup - CPU#%d stuck for %us! [%s:%d]".
     r"\bsoft lockup - CPU#\d{1,5} stuck for \d{1,10}s! \[(?P<user>.{0,64}):\d{1,10}\]",
-    # oom-kill:constraint=...,oom_memcg=<cgroup path>,task_memcg=<cgroup path>,task=<comm>,pid=...
+    # ext4: "... inode #%lu: comm %s: %pV", "... block %llu: comm %s: %pV": the name, then text
+    # no rule reads.
+    r": comm (?P<user>.*)",
+    # mm/oom_kill.c: "oom-kill:constraint=%s,nodemask=%*pbl,cpuset=%s,mems_allowed=...,oom_memcg=%s,
+    # task_memcg=%s,task=%s,pid=%d,uid=%d": cgroup paths and the comm, to the end.
     r"\Aoom-kill:(?P<user>.*)",
-    r"\AMemory cgroup stats for (?P<user>.*)",
-    r"\Acgroup: fork rejected by pids controller in (?P<user>.*)",
-    r"\bcomm (?P<user>.{1,64}?): ",                     # ext4: "inode #2: comm ls: reading directory"
-    r"\bin (?P<user>[^\[\]]{1,255})\[[0-9a-f]{1,16}\+[0-9a-f]{1,16}\]",  # segfault: "error 4 in a.out[7f00+1000]"
-    r"\bname=(?P<user>[^,]{0,64})(?=, )",               # NVRM: "pid=1234, name=python, ..."
-    r"\b(?:comm|name|exe|path|task|cgroup|dev|profile)=(?P<user>[^\s,]{1,255})",
+    r"\AMemory cgroup stats for (?P<user>.*)",                     # mm/memcontrol.c
+    r"\Acgroup: fork rejected by pids controller in (?P<user>.*)",  # kernel/cgroup/pids.c
     r"\"(?P<user>.*)\"",                                # quoted names, options, paths: first to last quote
-    r"\bunknown mount option \[(?P<user>.*)\]",         # XFS
-    r"\bOpts: (?P<user>.*)",                            # ext4 "mounted filesystem ... Opts: <options>"
+    r"\b(?:comm|name|exe|path|task|cgroup|dev|profile)=(?P<user>[^\s,]{1,255})",  # audit (hex if spaced)
+    r"\bunknown mount option \[(?P<user>.*)\]",        # XFS
+    r"\bOpts: (?P<user>.*)",                            # ext4 "mounted filesystem ... Opts: %s"
+    # Last, any other line that starts with a comm and its pid ("%s[%d]: ", "%s[%d] ", also a known
+    # carrier cut short): after the fields above, so a name inside a subsystem's line (`name=x[1]: `)
+    # is already masked. Not " (%d) ": subsystems print that themselves ("nvme nvme3: I/O tag 258 (1102)").
+    _LEAD + r"\[\d{1,10}\][: ]",
 ))
 
 
 def mask_user_text(text: str) -> str:
     """`text` with every field users control replaced by USER_MASK.
 
-    Rules are matched at the start of the message, where the subsystem writes its own prefix;
-    this masks what could still sit there or inside a rule's span: a comm that starts the message
-    (segfaults, traps), process, file and cgroup names, mount options, quoted strings.
+    Rules are matched at the start of the message, where the subsystem writes its own prefix; a
+    message that starts with USER_MASK is about a process (a segfault, a trap) and no rule reads it
+    (kernel_rules.RuleSet.classify).
+    Inside a message this masks process, file and cgroup names, mount options, quoted strings.
 
     >>> mask_user_text("EDAC MC0: UE[4242]: segfault at 0 ip 0 sp 0 error 4 in a.out[400000+1000]")
-    '<user>[4242]: segfault at 0 ip 0 sp 0 error 4 in <user>[400000+1000]'
+    '<user>[4242]: segfault at 0 ip 0 sp 0 error 4 in a.out[400000+1000]'
+    >>> mask_user_text("NVRM: Xid (PCI:0000:b9:00): 48, pid=7, name=x[1]: , DBE (0x1,0x2)")
+    'NVRM: Xid (PCI:0000:b9:00): 48, pid=7, name=<user>'
     """
-    for pattern in _USER_FIELDS:
+    for pattern in _FIELDS:
         m = pattern.search(text)
         if m is not None and m.group("user"):
             text = text[:m.start("user")] + USER_MASK + text[m.end("user"):]

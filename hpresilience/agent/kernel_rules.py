@@ -26,10 +26,13 @@ Where a rule matches (issue 9, defect 1): at the start of the message only
 (`re.match`, after the timestamp, host, "kernel:" and printk caller prefix are
 stripped), where the subsystem writes its own prefix, and on the message with
 every user-controlled field masked (kernel_line.mask_user_text: process, file
-and cgroup names, mount options, quoted strings). So a process named
-`EDAC MC0: UE` whose segfault, OOM kill or hung task the kernel reports never
-reads as a memory error, whoever wrote the rule. A pattern may not start with an
-unbounded repeat (`.*`), which would undo the anchor.
+and cgroup names, mount options, quoted strings). A message that starts with a
+user field (a segfault's or a trap's comm) is a process's, and no rule reads it.
+So a process named `EDAC MC0: UE` whose segfault, OOM kill or hung task the
+kernel reports never reads as a memory error, whoever wrote the rule. A rule that
+spans into the rest of the line (`.*`) reads only what the masks left: text
+the masks know of reads `<user>`; shipped rules span only bounded stretches of
+their subsystem's own text.
 
 Evaluation is pure and cheap: every pattern is compiled once, and a rule's
 regex runs only on lines holding one of the literal strings any match of it
@@ -56,7 +59,7 @@ except ImportError:
 from ..config import ConfigError, read_toml
 from ..finding import Finding, NodeAction
 from .config import SLURM_STATES
-from .kernel_line import KernelLine, mask_user_text, parse_line
+from .kernel_line import USER_MASK, KernelLine, mask_user_text, parse_line
 from .monitors.nvml import normalize_pci_bus_id
 
 RULES_DIR = Path(__file__).parent / "rules"
@@ -73,9 +76,6 @@ ACTION_SOURCES = {"xid": "xid", "xid_recovery": "recovery"}
 # Template fields the engine derives → the named group they are derived from.
 DERIVED_FIELDS = {"gpu": "pci", "mnemonic": "xid"}
 UNKNOWN_MNEMONIC = "UNKNOWN"
-# The longest repeat a pattern may start with: enough for a device or driver name in front of the
-# subsystem's text, too short to skip over a message to text a user wrote in it.
-MAX_LEADING_REPEAT = 64
 # POSSESSIVE_REPEAT is new in 3.11.
 _REPEATS = tuple(getattr(_sre, op) for op in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT") if hasattr(_sre, op))
 
@@ -172,6 +172,8 @@ class RuleSet:
         if parsed is None or not parsed.from_kernel:
             return None
         text = mask_user_text(parsed.text)
+        if text.startswith(USER_MASK):
+            return None  # a process's line (issue 9, defect 1): whatever its name, no subsystem wrote it
         candidates = set(self._ungated)
         for literal in [s for s in self._literals if s in text]:
             candidates |= self._by_literal[literal]
@@ -266,27 +268,6 @@ def _required_literals(pattern: re.Pattern) -> Optional[Tuple[str, ...]]:
     except Exception:  # the parser is internal to `re`: an unexpected shape only turns the gate off
         return None
     return tuple(sorted(literals)) if literals else None
-
-
-def _leading_repeat(pattern: re.Pattern) -> int:
-    """The most characters a repeat at the start of `pattern` can cover, 0 when it starts with none."""
-    try:
-        return _leading_repeat_of(list(_sre_parser.parse(pattern.pattern, pattern.flags)))
-    except Exception:  # the parser is internal to `re`: an unexpected shape only skips the check
-        return 0
-
-
-def _leading_repeat_of(items: List[Tuple[Any, Any]]) -> int:
-    if not items:
-        return 0
-    op, av = items[0]
-    if op in _REPEATS:
-        return av[1]
-    if op is _sre.SUBPATTERN:
-        return _leading_repeat_of(list(av[-1]))
-    if op is _sre.BRANCH:
-        return max(_leading_repeat_of(list(b)) for b in av[1])
-    return 0
 
 
 def _literals_of(items: List[Tuple[Any, Any]]) -> Optional[Set[str]]:
@@ -465,9 +446,6 @@ def _compile_rule(merged: _Merged, name: str) -> Rule:
         raise error(str(e), "pattern") from None
     if pattern.search("") is not None:
         raise error("matches an empty message, so it would match every line", "pattern")
-    if _leading_repeat(pattern) > MAX_LEADING_REPEAT:
-        raise error("starts with an unbounded repeat (such as .*): rules match at the start of the message, "
-                    "where the subsystem writes its prefix; begin with that prefix", "pattern")
     groups = set(pattern.groupindex)
     for derived in DERIVED_FIELDS:
         if derived in groups:

@@ -29,8 +29,10 @@ from ..statefile import read_json, write_json
 from .actuator import Actuator, Outcome
 from .config import AgentConfig
 from .daemon import agent_gateway, build_monitors
+from .kernel_line import KernelLine
 from .kernel_rules import RuleSet, load_rules
-from .logsource import KmsgSource, LogLine, LogSourceError, file_kernel_line, journal_lines
+from .logsource import MAX_LINE_BYTES, KmsgSource, LogLine, LogSourceError, file_kernel_line, journal_lines
+from .logsource.common import decode_lines
 from .monitor import MonitorError
 from .monitors.nvml import NvmlMonitor
 from .node import STAMP_SLACK_SECONDS, boot_time, node_name
@@ -43,9 +45,15 @@ APPLIED_FILE = "check-applied.json"
 # Boot times read from /proc/uptime by different runs differ by jitter, not by this.
 BOOT_TOLERANCE_SECONDS = 30.0
 
-# Where a line stands in its source, stable from one run to the next: the /dev/kmsg sequence
-# number, else the line's timestamp; then its place among lines with the same one.
+# A sustained flood refills /dev/kmsg as fast as it is read: the check stops after this many reads
+# of the source's own budget (about 64 MiB, far beyond any ring buffer) and classifies what it has.
+KMSG_MAX_READS = 64
+
+# Where a line stands in its source, stable from one run to the next: (inode, byte offset of the
+# line) in a file; the /dev/kmsg sequence number; the journal entry's time and the line's place
+# among the kernel lines of that time.
 Position = Tuple[float, int]
+PlacedLine = Tuple[Position, LogLine]
 
 
 @dataclass(frozen=True)
@@ -68,41 +76,61 @@ class CheckResult:
         return [f for f in self.findings if f.action is not NodeAction.NONE]
 
 
-def file_lines(path: Path) -> List[LogLine]:
-    """The lines at the end of a syslog-style file (FILE_TAIL_BYTES of it), as its source reads them."""
+def file_lines(path: Path) -> List[PlacedLine]:
+    """The lines at the end of a syslog-style file (FILE_TAIL_BYTES of it), split and decoded as its
+    source does, each placed at (inode, byte offset). A tail that starts inside a line drops that
+    line: its end could be anything, e.g. a user's logger message holding "kernel: NVRM: Xid ...".
+    """
     try:
         with open(path, "rb") as f:
+            inode = os.fstat(f.fileno()).st_ino
             size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - FILE_TAIL_BYTES))
+            start = max(0, size - FILE_TAIL_BYTES)
+            f.seek(start)
             data = f.read(FILE_TAIL_BYTES)
     except FileNotFoundError:
         return []
+    if start > 0:
+        cut = data.find(b"\n") + 1
+        start, data = start + cut, data[cut:] if cut else b""
+    raws, offsets = [], []
+    for raw in data.split(b"\n"):  # on "\n" only and cut at MAX_LINE_BYTES, as LineSplitter does
+        raws.append(raw[:MAX_LINE_BYTES])
+        offsets.append(start)
+        start += len(raw) + 1
     now = time.time()
     name = f"file:{path}"
-    texts = (raw.decode("utf-8", errors="replace") for raw in data.splitlines())
-    return [LogLine(text, name, now, file_kernel_line(text, now)) for text in texts if text]
+    return [((float(inode), offset), LogLine(text, name, now, file_kernel_line(text, now)))
+            for offset, text in zip(offsets, decode_lines(raws, name)) if text is not None]
 
 
-def kmsg_lines(since: float, path: str = "/dev/kmsg") -> List[LogLine]:
+def kmsg_lines(since: float, path: str = "/dev/kmsg") -> List[PlacedLine]:
     """The ring buffer's records since `since`, read by the agent's own kmsg source."""
     with tempfile.TemporaryDirectory() as scratch:  # no cursor: every run reads the whole boot
         source = KmsgSource(scratch, path=path, max_age_seconds=time.time() - since + STAMP_SLACK_SECONDS)
         try:
             lines = source.read()
-            while source.lag_bytes():
+            for _ in range(KMSG_MAX_READS):
+                if not source.lag_bytes():
+                    break
                 lines += source.read()
         finally:
             source.close()
-    return lines
+    return ordered(lines)
 
 
-def journal_since_boot() -> List[LogLine]:
+def journal_since_boot() -> List[PlacedLine]:
+    """The kernel's journal entries of this boot. journalctl failing (no permission to read the
+    journal, a broken journal) is the check's error, never "no faults"."""
     proc = subprocess.run(["journalctl", "-k", "-b", "-o", "json", "--all", "--no-pager", "-q"], capture_output=True,
                           timeout=20, stdin=subprocess.DEVNULL)
-    return journal_lines(proc.stdout.splitlines(), "journal")[0]
+    if proc.returncode != 0:
+        stderr = proc.stderr.decode("utf-8", "replace").strip()[-500:]
+        raise LogSourceError(f"journalctl exited with status {proc.returncode}: {stderr or 'no message'}")
+    return ordered(journal_lines(proc.stdout.splitlines(), "journal")[0])
 
 
-def kernel_lines(spec: str, since: float) -> List[LogLine]:
+def kernel_lines(spec: str, since: float) -> List[PlacedLine]:
     if spec in ("kmsg", "/dev/kmsg"):
         return kmsg_lines(since)
     if spec == "journal":
@@ -110,36 +138,43 @@ def kernel_lines(spec: str, since: float) -> List[LogLine]:
     return file_lines(Path(spec))
 
 
-def kernel_events(rules: RuleSet, spec: str, lines: List[LogLine], since: float) -> List[KernelEvent]:
+def kernel_events(rules: RuleSet, spec: str, lines: List[PlacedLine], since: float) -> List[KernelEvent]:
     """The findings of `lines` stamped since `since`; lines not to be classified (another
     program's, a file line without a date) give none, as in the daemon."""
     events: List[KernelEvent] = []
-    for position, line in zip(positions(lines), lines):
+    for position, line in lines:
         finding = rules.classify(line.kernel_line) if line.kernel_line is not None else None
         if finding is not None and finding.observed_at >= since - STAMP_SLACK_SECONDS:
             events.append(KernelEvent(spec, position, finding))
     return events
 
 
-def positions(lines: List[LogLine]) -> List[Position]:
-    out: List[Position] = []
+def ordered(lines: List[LogLine]) -> List[PlacedLine]:
+    """kmsg and journal lines placed by (sequence number or time, place among the kernel lines with
+    the same one). Lines that are not the kernel's are left out: they are never classified, and
+    counting them would let another program's line shift a kernel line's place."""
+    out: List[PlacedLine] = []
     last: Optional[float] = None
     same = 0
     for line in lines:
-        key = _position_key(line)
+        parsed = line.kernel_line
+        key = _position_key(parsed) if parsed is not None else None
+        if key is None:
+            continue
         same = same + 1 if key == last else 0
         last = key
-        out.append((key, same))
+        out.append(((key, same), line))
     return out
 
 
-def _position_key(line: LogLine) -> float:
-    parsed = line.kernel_line
-    if parsed is None:
-        return -1.0
+def _position_key(parsed: KernelLine) -> Optional[float]:
     if parsed.seq is not None:
         return float(parsed.seq)
-    return parsed.wall_time if parsed.wall_time is not None else -1.0
+    return parsed.wall_time
+
+
+def _is_file(spec: str) -> bool:
+    return spec not in ("kmsg", "/dev/kmsg", "journal")
 
 
 @dataclass
@@ -167,7 +202,11 @@ class AppliedMarks:
 
     def covers(self, event: KernelEvent) -> bool:
         mark = self.through.get(event.source)
-        return mark is not None and event.position <= mark
+        if mark is None:
+            return False
+        if _is_file(event.source):  # offsets count within one file: another inode is all new
+            return event.position[0] == mark[0] and event.position[1] <= mark[1]
+        return event.position <= mark
 
     def advance(self, read_through: Dict[str, Position]) -> None:
         self.through.update(read_through)
@@ -192,7 +231,8 @@ def apply_result(config: AgentConfig, result: CheckResult, gateway: Optional[Slu
                        config.policy.shared_cause).apply(decision)
     if outcome.settled:
         policy.resolved(decision)
-        marks.advance(result.read_through)
+        if outcome is not Outcome.DRY_RUN:  # lines a dry run covered must be acted on once it is off
+            marks.advance(result.read_through)
     return outcome
 
 
@@ -219,7 +259,7 @@ def run_check(config: AgentConfig) -> CheckResult:
             continue
         result.kernel_events += kernel_events(rules, spec, lines, boot)
         if lines:
-            result.read_through[spec] = max(positions(lines))
+            result.read_through[spec] = lines[-1][0]
     result.kernel_events.sort(key=lambda e: e.finding.observed_at)
     with tempfile.TemporaryDirectory() as scratch:
         # The agent's thresholds apply (a single system OOM is not a fault), without its journal.

@@ -78,9 +78,7 @@ class Controller:
             return False
         self.config = config
         self.gateway = controller_gateway(config)
-        self.reconciler.config = config
-        self.reconciler.gateway = self.gateway
-        self.reconciler.provider = make_provider(config.provider, self.gateway)
+        self.reconciler.reconfigure(config, self.gateway, make_provider(config.provider, self.gateway))
         log.info("controller.reloaded", mode=config.controller.mode, dry_run=config.controller.dry_run)
         return True
 

@@ -17,16 +17,16 @@ log = structlog.get_logger(__name__)
 def expedite_requeued(gateway: SlurmGateway) -> int:
     """Expedite every marked requeued job; returns how many were."""
     try:
-        pending = gateway.pending_jobs()
+        pending = gateway.requeued_jobs()
     except SlurmError as e:
         log.warning("controller.expedite_failed", error=str(e))
         return 0
     done = 0
     for job in pending:
-        requeued_auto_resume = AUTO_RESUME_MARK in job.comment.split() and job.restart_count > 0
-        if job.reason != "BeginTime" or not (EXPEDITE_MARK in job.comment.split() or requeued_auto_resume):
+        marks = job.comment.split()
+        if EXPEDITE_MARK not in marks and AUTO_RESUME_MARK not in marks:
             continue
-        rest = " ".join(w for w in job.comment.split() if w != EXPEDITE_MARK)
+        rest = " ".join(w for w in marks if w != EXPEDITE_MARK)
         try:
             gateway.update_job(job.job_id, now=True, comment=rest)
         except SlurmError as e:

@@ -73,34 +73,13 @@ class Reconciler:
         self.partition_sizes: Dict[str, int] = {}
         self.remediating: Dict[str, Set[str]] = {}   # workflow node -> its partitions, past `drain`
 
-    # The steps hold the configuration, gateway and provider; SIGHUP replaces them there.
-    @property
-    def config(self) -> ControllerConfig:
-        return self.steps.config
-
-    @config.setter
-    def config(self, value: ControllerConfig) -> None:
-        self.steps.config = value
-
-    @property
-    def gateway(self) -> SlurmGateway:
-        return self.steps.gateway
-
-    @gateway.setter
-    def gateway(self, value: SlurmGateway) -> None:
-        self.steps.gateway = value
-
-    @property
-    def provider(self) -> Provider:
-        return self.steps.provider
-
-    @provider.setter
-    def provider(self, value: Provider) -> None:
-        self.steps.provider = value
+    def reconfigure(self, config: ControllerConfig, gateway: SlurmGateway, provider: Provider) -> None:
+        """SIGHUP: the steps hold the configuration, gateway and provider; the pass reads them there."""
+        self.steps.config, self.steps.gateway, self.steps.provider = config, gateway, provider
 
     @property
     def automatic(self) -> bool:
-        return self.config.controller.mode == "automatic" and not self.config.controller.dry_run
+        return self.steps.config.controller.mode == "automatic" and not self.steps.config.controller.dry_run
 
     # ------------------------------------------------------------------ pass
     def run_pass(self) -> PassReport:
@@ -108,7 +87,7 @@ class Reconciler:
         now = self.clock()
         report = PassReport()
         self._reap()
-        nodes = self.gateway.nodes()
+        nodes = self.steps.gateway.nodes()
         by_name = {n.name: n for n in nodes}
         report.nodes = len(nodes)
         self.partition_sizes = {}
@@ -125,7 +104,7 @@ class Reconciler:
             report.active = len(active)
             report.seconds = time.monotonic() - started
             return report
-        expedite_requeued(self.gateway)
+        expedite_requeued(self.steps.gateway)
         if not breaker.tripped:
             for c in candidates:
                 wf = self._open(c, now)
@@ -164,11 +143,11 @@ class Reconciler:
 
     def _check_breaker(self, candidates: List[Candidate], now: float):
         breaker = self.journal.breaker()
-        if not breaker.tripped and self.config.breaker.enabled and self.automatic:
+        if not breaker.tripped and self.steps.config.breaker.enabled and self.automatic:
             recent = self._recent_flags(candidates, now, breaker.reset_at)
-            if len(recent) > self.config.breaker.max_new:
-                detail = (f"{len(recent)} nodes flagged within {self.config.breaker.window_seconds:g}s "
-                          f"(limit {self.config.breaker.max_new}): {', '.join(sorted(recent)[:20])}")
+            if len(recent) > self.steps.config.breaker.max_new:
+                detail = (f"{len(recent)} nodes flagged within {self.steps.config.breaker.window_seconds:g}s "
+                          f"(limit {self.steps.config.breaker.max_new}): {', '.join(sorted(recent)[:20])}")
                 self.journal.trip_breaker(detail)
                 log.error("controller.breaker_tripped", detail=detail,
                           hint="automatic action paused; run `hpresilience controller resume` once understood")
@@ -203,8 +182,8 @@ class Reconciler:
                 continue
             since = ts(node.reason_time) if node.reason else None
             since = since or self.first_silent.setdefault(node.name, now)
-            if (self.config.workflow.power_cycle_unresponsive and self.provider.can_power_cycle
-                    and now - since >= self.config.workflow.unresponsive_grace_seconds):
+            if (self.steps.config.workflow.power_cycle_unresponsive and self.steps.provider.can_power_cycle
+                    and now - since >= self.steps.config.workflow.unresponsive_grace_seconds):
                 found.append(Candidate(node, NodeAction.POWER_CYCLE, node.reason or "Not responding", since))
         return [c for c in found if not self._already_handled(c)]
 
@@ -216,7 +195,7 @@ class Reconciler:
         return bool(past) and past[-1].data.get("reason_time") == c.detected_at and past[-1].reason == c.reason
 
     def _recent_flags(self, candidates: List[Candidate], now: float, reset_at: Optional[float]) -> Set[str]:
-        floor = max(now - self.config.breaker.window_seconds, reset_at or 0.0)
+        floor = max(now - self.steps.config.breaker.window_seconds, reset_at or 0.0)
         recent = {wf.node for wf in self.journal.history(since=floor) if wf.detected_at >= floor}
         return recent | {c.node.name for c in candidates if c.detected_at >= floor}
 
@@ -226,7 +205,7 @@ class Reconciler:
                 continue
             self.recommended[c.node.name] = c.reason
             detail = {"action": c.action.value, "reason": c.reason, "state": c.node.state_text,
-                      "mode": self.config.controller.mode, "dry_run": self.config.controller.dry_run}
+                      "mode": self.steps.config.controller.mode, "dry_run": self.steps.config.controller.dry_run}
             self.journal.record(c.node.name, "recommendation", detail)
             log.warning("controller.recommend", node=c.node.name, **detail,
                         next=f"{'wait for jobs, then ' if c.node.is_busy else ''}{c.action.value}")
@@ -247,7 +226,7 @@ class Reconciler:
         return wf
 
     def _limits_allow(self, node: Node) -> bool:
-        limits = self.config.limits
+        limits = self.steps.config.limits
         if len(self.remediating) >= limits.max_concurrent:
             return False
         for p in node.partitions:

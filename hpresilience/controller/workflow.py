@@ -40,7 +40,7 @@ import pwd
 import re
 import signal
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import structlog
 
@@ -94,7 +94,7 @@ def workflow_fault(wf: Workflow) -> Optional[Fault]:
     return ours.fault if ours is not None else None
 
 
-def check_faults(output: str) -> List[tuple]:
+def check_faults(output: str) -> List[Tuple[str, Fault]]:
     """(action, Fault) of every finding line `hpresilience check` printed.
 
     >>> check_faults("REBOOT   XID_79 [GPU 3 (0000:b9:00.0)]: fell off\\nhealthy")
@@ -193,7 +193,7 @@ class Steps:
     def _seen(node: Node, reason: Optional[str] = None) -> Dict[str, object]:
         return {"seen_reason": reason or node.reason, "seen_time": ts(node.reason_time)}
 
-    def _fault_after_remedy(self, wf: Workflow, node: Node, why: str, found: List[tuple]) -> None:
+    def _fault_after_remedy(self, wf: Workflow, node: Node, why: str, found: List[Tuple[str, Fault]]) -> None:
         """After the remedy, a fault is there (the check found it, or it was flagged again).
         The same fault returning escalates a reboot; a new fault is not ours to clear: this
         workflow ends and, if the fault is on the node as an Action: reason, the next pass
@@ -452,12 +452,10 @@ class Steps:
         """The reason we write for the workflow's effect: its own if it is an Action: reason.
         A power cycle of a silent node starts from Slurm's "Not responding"; written by us, that
         text would read as someone else's (Slurm's own is Slurm's only when SlurmUser wrote it),
-        so it becomes an Action: Reboot of ours that says what happens."""
+        so it becomes an Action: Reboot of ours that says what happens. (Reboot and replace
+        workflows open only on Action: reasons.)"""
         ours = parse_reason(wf.reason)
-        if ours is not None:
-            return str(ours)
-        return format_reason(NodeAction.REBOOT, f"power cycle: {wf.reason}" if wf.action == NodeAction.POWER_CYCLE.value
-                             else "")
+        return str(ours) if ours is not None else format_reason(NodeAction.REBOOT, f"power cycle: {wf.reason}")
 
     def _reservation(self, node: str) -> str:
         return f"{self.config.verify.reservation_prefix}{node}"

@@ -14,12 +14,12 @@ from .errors import (
 from .gateway import NodeState, ReasonNotOurs, SlurmGateway
 from .hostlist import expand, fold, nodeset
 from .models import Job, Node
-from .reason import ActionReason, Fault, ReasonOwner, format_reason, is_ours, parse_reason, sanitize_reason
+from .reason import ActionReason, Fault, ReasonOwner, format_reason, parse_reason, sanitize_reason
 from .runner import CommandRunner
 
 __all__ = [
     "ActionReason", "CommandRunner", "Fault", "InvalidNodeName", "Job", "JobNotFound", "Node", "NodeNotFound",
     "NodeState", "ParseError", "PermissionDenied", "ReasonNotOurs", "ReasonOwner", "ScontrolBackend", "SlurmBackend",
     "SlurmCommandError", "SlurmError", "SlurmGateway", "SlurmNotInstalled", "SlurmUnavailable", "expand", "fold",
-    "format_reason", "is_ours", "nodeset", "parse_reason", "sanitize_reason",
+    "format_reason", "nodeset", "parse_reason", "sanitize_reason",
 ]

@@ -12,7 +12,7 @@ import subprocess
 from typing import List, Optional, Protocol, Sequence, Tuple
 
 from .errors import SlurmCommandError, SlurmNotInstalled
-from .models import Job, Node, PendingJob, Reservation, Step, StepResult
+from .models import Job, Node, RequeuedJob, Reservation, Step, StepResult
 from .runner import CommandRunner, Target
 from .scontrol_parse import (
     parse_jobs,
@@ -42,7 +42,7 @@ class SlurmBackend(Protocol):
     def delete_reservation(self, name: str) -> None: ...
     def run_step(self, srun_argv: Sequence[str], timeout: float) -> StepResult: ...
     def show_steps(self, job_id: int) -> List[Step]: ...
-    def pending_jobs(self) -> List[PendingJob]: ...
+    def requeued_jobs(self) -> List[RequeuedJob]: ...
     def signal_step(self, step_id: str, signal_name: str) -> None: ...
 
 
@@ -132,7 +132,7 @@ class ScontrolBackend:
     def signal_step(self, step_id: str, signal_name: str) -> None:
         self.runner.run(["scancel", f"--signal={signal_name}", step_id], Target(job=step_id))
 
-    def pending_jobs(self) -> List[PendingJob]:
+    def requeued_jobs(self) -> List[RequeuedJob]:
         """Requeued jobs that wait for their BeginTime, with their comments.
 
         One small `squeue` read of fields users cannot write (id, pending reason, restart
@@ -152,5 +152,5 @@ class ScontrolBackend:
             except SlurmCommandError:
                 continue  # gone meanwhile (started, cancelled)
             comment = comment.rstrip("\n").strip()
-            found.append(PendingJob(job_id, reason, restarts, "" if comment == "(null)" else comment))
+            found.append(RequeuedJob(job_id, restarts, "" if comment == "(null)" else comment))
         return found

@@ -19,7 +19,7 @@ import structlog
 from .backend import ScontrolBackend, SlurmBackend
 from .errors import JobNotFound, NodeNotFound, SlurmCommandError, SlurmError
 from .hostlist import Nodes, expand, fold
-from .models import Job, Node, PendingJob, Reservation, Step, StepResult
+from .models import Job, Node, RequeuedJob, Reservation, Step, StepResult
 from .reason import ActionReason, sanitize_reason
 
 log = structlog.get_logger(__name__)
@@ -153,8 +153,10 @@ class SlurmGateway:
         self.backend.reboot_nodes(nodelist, asap, next_state.value if next_state else None, reason)
         log.info("slurm.reboot", nodes=nodelist, asap=asap, next_state=next_state, reason=reason)
 
-    def pending_jobs(self) -> List[PendingJob]:
-        return self.backend.pending_jobs()
+    def requeued_jobs(self) -> List[RequeuedJob]:
+        """Requeued jobs waiting for their BeginTime, each with its own Comment (read so that
+        user text cannot forge another job's record)."""
+        return self.backend.requeued_jobs()
 
     def steps(self, job_id: int) -> List[Step]:
         return self.backend.show_steps(int(job_id))

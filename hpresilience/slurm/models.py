@@ -173,8 +173,8 @@ class Step:
 
 
 @dataclass(frozen=True)
-class PendingJob:
+class RequeuedJob:
+    """A requeued job (restart count >= 1) waiting for its BeginTime (SlurmGateway.requeued_jobs)."""
     job_id: int
-    reason: str        # why it pends: BeginTime, Resources, Priority, ...
     restart_count: int
     comment: str

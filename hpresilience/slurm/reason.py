@@ -135,10 +135,6 @@ def parse_reason(reason: Optional[str]) -> Optional[ActionReason]:
     return ActionReason(NodeAction.parse(match.group("action")), detail, fault)
 
 
-def is_ours(reason: Optional[str]) -> bool:
-    return parse_reason(reason) is not None
-
-
 def is_slurm_reason(reason: Optional[str], writer: Optional[str], slurm_user: Optional[str]) -> bool:
     """Slurm's own reason: one of its exact texts, written by SlurmUser.
 
@@ -151,9 +147,7 @@ def is_slurm_reason(reason: Optional[str], writer: Optional[str], slurm_user: Op
     """
     if not reason or writer is None or slurm_user is None or writer != slurm_user:
         return False
-    text = " ".join(strip_slurm_stamp(reason).split()).lower()
-    # Slurm's progress words alone ("reboot timed out" on a node it rebooted without a reason).
-    return text in SLURM_OWN_REASONS or (not reason_core(reason) and bool(text))
+    return " ".join(strip_slurm_stamp(reason).split()).lower() in SLURM_OWN_REASONS
 
 
 def reason_owner(reason: Optional[str], writer: Optional[str], slurm_user: Optional[str]) -> ReasonOwner:

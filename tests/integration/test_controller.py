@@ -355,6 +355,51 @@ def test_unresponsive_node_is_power_cycled(cl, ctl):
     assert node.boot_time > boot_before and in_service("n4"), node
 
 
+def test_an_admins_not_responding_reason_is_never_power_cycled(cl, ctl):
+    """Issue 9, defect 2: an admin's reason that starts like Slurm's own is the admin's. A silent
+    n3 carrying it is left alone, while the silent n4 with Slurm's own reason is power-cycled in
+    the same run (the positive sign that the controller looked at silent nodes)."""
+    gw = SlurmGateway()
+    admin = "Not responding - DO NOT POWER CYCLE, BIOS flash"
+    power_cycles = count_lines(cl.dir / "nodes" / "n3" / "power_cycles.log")
+    cl.tc("kill", "n3")
+    # Set once Slurm has it DOWN: before, Slurm itself overwrites any reason starting with
+    # "Not responding" with its own (measured on 22.05).
+    wait_until(lambda: gw.node("n3").is_down, 60, "Slurm to see n3 silent")
+    scontrol("update", "nodename=n3", "state=drain", f"reason={admin}")
+    c = ctl().start()
+    cl.tc("kill", "n4")
+    assert c.wait_finished("n4", timeout=90).action == "power_cycle"
+    c.wait_passes(3)
+    assert c.workflows("n3") == []
+    n3 = gw.node("n3")
+    assert n3.reason == admin and not n3.is_responding, n3
+    assert count_lines(cl.dir / "nodes" / "n3" / "power_cycles.log") == power_cycles
+
+
+def test_a_replace_raised_while_a_reboot_waits_is_not_lost(cl, ctl):
+    """Issue 9, defect 3: n1 is flagged for a reboot while a job runs; before the job ends its
+    agent raises the fault to Replace. The node is replaced, never rebooted with the old reason."""
+    gw = SlurmGateway()
+    job = cl.sbatch("-w", "n1", "-N1", "--wrap", "sleep 300")
+    wait_until(lambda: gw.job(job).is_running, 30, "the job to run")
+    reboots = count_lines(cl.dir / "nodes" / "n1" / "reboots.log")
+    replacements = count_lines(cl.dir / "nodes" / "n1" / "replacements.log")
+    c = ctl().start()
+    scontrol("update", "nodename=n1", "state=fail", "reason=Action: Reboot; [XID_73@GPU 1] XID 73")
+    wait_until(lambda: c.workflows("n1"), 10, "the workflow to start")
+    c.wait_passes(2)
+    assert c.workflows("n1")[-1].step == "drain"
+    scontrol("update", "nodename=n1", "state=fail", "reason=Action: Replace; [XID_74@GPU 1] XID 74")
+    c.wait_passes(2)
+    subprocess.run(["scancel", str(job)], check=True, timeout=30)
+    wf = c.wait_finished("n1", timeout=90)
+    assert (wf.status, wf.action) == ("done", "replace"), wf
+    assert count_lines(cl.dir / "nodes" / "n1" / "replacements.log") == replacements + 1
+    assert count_lines(cl.dir / "nodes" / "n1" / "reboots.log") == reboots
+    assert in_service("n1"), gw.node("n1")
+
+
 def test_history_json_reports_time_to_service(cl, ctl):
     c = ctl().start()
     scontrol("update", "nodename=n1", "state=fail", "reason=Action: Reboot")

@@ -1,10 +1,17 @@
-"""Fixtures shared by the unit tests that load the fake NVML library."""
+"""Fixtures shared by the unit tests that load the fake NVML library; the Hypothesis profile."""
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.fake_nvml import FakeGpuState, build_fake_nvml
+
+# CI (.ci/run) runs a fixed set of examples, so a red run is reproducible and a new example
+# cannot fail a landing at random; a developer's run explores new ones each time.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,18 @@
 """`hpresilience check` reads the kernel log with the daemon's safeguards (issue 9, defect 9): lines
 another program wrote and undated file lines are not trusted, every finding carries its line's own
 time, and with --apply a line is acted on once. Real files in tmp_path; Slurm is the in-memory model."""
+import os
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
 from hpresilience.agent.config import AgentConfig, Threshold
+from hpresilience.agent.kernel_line import KernelLine
+from hpresilience.agent.logsource import LogLine
 from hpresilience.agent.node import boot_time
-from hpresilience.agent.oneshot import apply_result, run_check
+from hpresilience.agent.oneshot import FILE_TAIL_BYTES, apply_result, ordered, run_check
 from hpresilience.finding import NodeAction
 from hpresilience.slurm import NodeState, SlurmGateway
 from tests.slurm_model import SlurmModel
@@ -95,3 +99,67 @@ def test_apply_acts_on_a_line_once(config, log):
         f.write(kernel(XID_79.replace("b9:00", "3b:00"), time.time() + 1))
     assert apply_result(config, run_check(config), gateway).value == "applied"
     assert "FAIL" in gateway.node("n1").flags
+
+
+def test_a_new_fault_in_the_second_of_the_mark_is_still_acted_on(config, log):
+    """Positions are (inode, byte offset) in a file: another program's line between two kernel lines
+    of the same second used to restart the same-second count, so the new line read as covered."""
+    gateway = SlurmGateway(SlurmModel("n1"))
+    now = time.time()
+    log.write_text(kernel(XID_79, now))
+    assert apply_result(config, run_check(config), gateway).value == "applied"
+    gateway.set_state("n1", NodeState.RESUME)
+    with open(log, "a") as f:
+        f.write(kernel("hello", now, tag="myprog") + kernel(XID_79.replace("b9:00", "3b:00"), now))
+    assert apply_result(config, run_check(config), gateway).value == "applied"
+    assert "FAIL" in gateway.node("n1").flags
+
+
+def test_a_dry_run_leaves_the_lines_for_the_first_real_run(config, log):
+    gateway = SlurmGateway(SlurmModel("n1"))
+    log.write_text(kernel(XID_79, time.time()))
+    config.agent.dry_run = True
+    assert apply_result(config, run_check(config), gateway).value == "dry_run"
+    assert "FAIL" not in gateway.node("n1").flags
+    config.agent.dry_run = False
+    assert apply_result(config, run_check(config), gateway).value == "applied"
+
+
+def test_a_tail_that_starts_inside_a_line_drops_that_line(config, log):
+    """A user's logger message can be grown until the tail window starts inside it, right before
+    the forged "... kernel: NVRM: Xid ..." it holds: that partial line must not be read."""
+    now = time.time()
+    forged = kernel(XID_79, now)
+    ending = kernel(CGROUP_OOM, now)                                   # the positive sign: read
+    filler = kernel("x" * 60_000, now)
+    count, left = divmod(FILE_TAIL_BYTES - len(forged) - len(ending), len(filler))
+    last = kernel("y" * (left - len(kernel("", now))), now)
+    with open(log, "w") as f:
+        f.write(kernel("a" * 1000 + " ", now, tag="myprog")[:-1])     # the user's line, ending with...
+        f.write(forged)                                                # ...text that looks like the kernel's
+        f.write(filler * count + last + ending)
+    assert log.read_bytes()[-FILE_TAIL_BYTES:].startswith(forged.encode())  # the tail starts at the forgery
+    assert codes(config) == {"OOM_CGROUP": NodeAction.NONE}
+
+
+def test_journalctl_failing_is_a_check_error_not_healthy(config, tmp_path, monkeypatch):
+    """issue 9, defect 9: a journal the check cannot read must not pass as a healthy node."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "journalctl"
+    fake.write_text("#!/bin/sh\necho 'No journal files were opened due to insufficient permissions.' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ.get('PATH', '')}")
+    config.kernel_log.sources = ["journal"]
+    result = run_check(config)
+    assert any("journal" in e and "insufficient permissions" in e for e in result.errors), result.errors
+
+
+def test_kmsg_and_journal_positions_count_only_kernel_lines():
+    """Two kernel lines of one second keep their places whatever another program logged between them."""
+    def line(text: str, kernel_line: Optional[KernelLine]) -> LogLine:
+        return LogLine(text, "journal", 0.0, kernel_line)
+
+    first, second = KernelLine("a", "journal", wall_time=100.0), KernelLine("b", "journal", wall_time=100.0)
+    placed = ordered([line("a", first), line("user", None), line("b", second)])
+    assert [position for position, _ in placed] == [(100.0, 0), (100.0, 1)]

@@ -209,7 +209,7 @@ def test_a_comment_cannot_forge_a_pending_job_record():
     table = squeue.run(["squeue", "--noheader", "--states=PD", "--Format=JobID:|,Reason:|,RestartCnt:|"])
     assert parse_pending_jobs(table) == [(12, "BeginTime", 1), (13, "BeginTime", 1)]
     gateway = SlurmGateway(ScontrolBackend(runner=squeue))
-    assert [j.job_id for j in gateway.pending_jobs()] == [12, 13]
+    assert [j.job_id for j in gateway.requeued_jobs()] == [12, 13]
     assert expedite_requeued(gateway) == 1
     assert squeue.updated_jobs() == ["13"]
 

@@ -4,7 +4,12 @@ Every shipped rule's trigger text is put in every place the kernel prints text a
 (process names, truncated to 15 bytes as the kernel does; file names, mount options and cgroup paths
 whole), in each line format that carries it, and in user programs' own syslog and /dev/kmsg lines.
 The line must classify exactly as it does with a harmless name there: a carrier that is itself a fault
-(a system OOM, a hung task) keeps its own finding, any other gives none or an action-none finding."""
+(a system OOM, a hung task) keeps its own finding, any other gives none or an action-none finding.
+
+The carriers are written from the kernel's own format strings (cited beside each), not from the masks
+in kernel_line: a carrier the masks miss fails here. Hostile names are built from the kernel's own
+delimiters (`[1]: `, ` (1): `, `, `, `:`) as well as from triggers, and FAULTS checks the other half of
+defect 1: a real fault whose line holds a hostile name classifies as with a harmless one."""
 from typing import Optional, Tuple
 
 import pytest
@@ -50,6 +55,10 @@ TRIGGERS = {
 }
 # Short enough to be a whole process name.
 SHORT_TRIGGERS = ["EDAC MC0: UE", "EDAC MC0: 1 UE", "EDAC x MC0: UE", "rcu: INFO: x", "XFS (sda): log I/O error"]
+# The kernel's own delimiters, which a name may hold to end a mask early or start one too soon.
+DELIMITERS = ["[1]: ", "[1] ", " (1): ", " (1) ", ", ", ": ", ":1", ")", "(", "]", "[", '"', "=", "name=", " in "]
+HOSTILE_NAMES = ["x[1]: ", "x (1): ", "a, b", "a:1", "x)", "(x", "x]", 'a"b', "a, GPU x", "EDAC MC0: UE[1]: ",
+                 "x[1]: , y", "name=x, ", "EDAC MC0: UE, ", "x (1) ", "[1] x"]
 
 # Where the kernel prints a process name ({comm}), a file name or path ({path}), a mount option
 # ({opt}) or a cgroup path ({cg}). Each is a line of the kernel's, as dmesg shows it.
@@ -69,7 +78,25 @@ CARRIERS = [
     "traps: {comm}[4242] general protection fault ip:401000 sp:7ffd00000000 error:0 in {path}[400000+1000]",
     "traps: {comm}[4242] trap divide error ip:401000 sp:7ffd00000000 error:0 in {path}[400000+1000]",
     "{comm}[4242]: unhandled signal 11 code 0x1 at 0x0000000000000000 in {path}[400000+1000]",
-    "{comm} (4242): drop_caches: 3",
+    "{comm} (4242): drop_caches: 3",                                      # fs/drop_caches.c
+    # arch/x86/kernel/signal.c signal_fault: "%s[%d] bad frame in %s frame:%p ip:%lx sp:%lx orax:%lx".
+    "{comm}[4242] bad frame in rt_sigreturn frame:00007ffd00000000 ip:401000 sp:7ffd00000000 orax:ffffffff",
+    # arch/x86/entry/vsyscall/vsyscall_64.c warn_bad_vsyscall: "%s%s[%d] %s ip:%lx cs:%lx sp:%lx ...".
+    "{comm}[4242] misaligned vsyscall (exploit attempt or buggy program) -- look up the vsyscall kernel "
+    "parameter if you need a workaround ip:ffffffffff600001 cs:33 sp:7ffd00000000 ax:0 si:0 di:0",
+    "{comm}[4242] vsyscall attempted with vsyscall=none ip:ffffffffff600000 cs:33 sp:7ffd00000000 ax:0",
+    # mm/page_alloc.c warn_alloc: "%s: %pV, mode:%#x(%pGg), nodemask=%*pbl" (current->comm); mm/vmalloc.c.
+    "{comm}: page allocation failure: order:4, mode:0x40cc0(GFP_KERNEL|__GFP_COMP), nodemask=(null),"
+    "cpuset={cg},mems_allowed=0-1",
+    "{comm}: vmalloc error: size 8192, vm_struct allocation failed, mode:0xcc0(GFP_KERNEL), nodemask=(null)",
+    # kernel/exit.c check_stack_usage: "%s (%d) used greatest stack depth: %lu bytes left".
+    "{comm} (4242) used greatest stack depth: 11920 bytes left",
+    # arch/x86/mm/fault.c pgtable_bad: "%s: Corrupted page table at address %lx".
+    "{comm}: Corrupted page table at address 7f0000001000",
+    # ipc/shm.c: "%s (%d): Using mlock ulimits for SHM_HUGETLB is obsolete".
+    "{comm} (4242): Using mlock ulimits for SHM_HUGETLB is obsolete",
+    # mm/oom_kill.c __oom_reap_task_mm: "oom_reaper: reaped process %d (%s), now anon-rss:%lukB, ...".
+    "oom_reaper: reaped process 4242 ({comm}), now anon-rss:0kB, file-rss:0kB, shmem-rss:0kB",
     "INFO: task {comm}:4242 blocked for more than 120 seconds.",
     "watchdog: BUG: soft lockup - CPU#3 stuck for 23s! [{comm}:4242]",
     "process '{path}' started with executable stack",
@@ -131,7 +158,8 @@ def test_every_shipped_rule_has_a_trigger_that_fires():
 def test_a_trigger_in_a_user_field_changes_nothing(carrier, form):
     baseline = outcome(form.format(fill(carrier, "python")))
     for trigger in [*TRIGGERS.values(), *SHORT_TRIGGERS]:
-        for user in (trigger, trigger.encode()[COMM_BYTES // 2:].decode(errors="ignore")):
+        for user in (trigger, trigger.encode()[COMM_BYTES // 2:].decode(errors="ignore"),
+                     *(d + trigger for d in DELIMITERS), *(trigger + d for d in DELIMITERS)):
             line = form.format(fill(carrier, user))
             assert outcome(line) == baseline, line
 
@@ -144,22 +172,61 @@ def test_lines_users_write_never_act(user_line):
 
 
 def test_the_defect_1_reproduction():
-    """A process named `EDAC MC0: UE` (prctl PR_SET_NAME) hitting its cgroup limit: no Replace."""
+    """A process named `EDAC MC0: UE` (prctl PR_SET_NAME) hitting its cgroup limit, segfaulting,
+    failing an allocation: no action at all. Its hung task is a hung task, not a memory error."""
+    assert outcome("EDAC MC0: UE page 0x0") is not None  # the positive sign: the trigger alone acts
     for line in ["Memory cgroup out of memory: Killed process 4242 (EDAC MC0: UE) total-vm:1kB",
                  "oom-kill:constraint=CONSTRAINT_MEMCG,task_memcg=/slurm/job_42,task=EDAC MC0: UE,pid=4242,uid=1",
                  "EDAC MC0: UE[4242]: segfault at 0 ip 0000000000401000 sp 00007ffd00000000 error 4",
-                 "INFO: task EDAC MC0: UE:4242 blocked for more than 120 seconds."]:
-        finding = RULES.classify(line)
-        assert finding is None or finding.code != "EDAC_UE", line
+                 "EDAC MC0: UE[4242] bad frame in rt_sigreturn frame:0 ip:401000 sp:7ffd00000000 orax:0",
+                 "EDAC MC0: UE: page allocation failure: order:4, mode:0x40cc0(GFP_KERNEL|__GFP_COMP)"]:
+        assert outcome(line) is None, line
     hung = RULES.classify("INFO: task EDAC MC0: UE:4242 blocked for more than 120 seconds.")
     assert (hung.code, hung.entity) == ("HUNG_TASK", "pid 4242") and "EDAC" not in hung.message
+
+
+# Real faults whose line holds a process name: the name must not hide them (issue 9, defect 1).
+FAULTS = [
+    # NVIDIA driver: "NVRM: Xid (PCI:%s): %d, pid=%s, name=%s, %s".
+    "NVRM: Xid (PCI:0000:b9:00): 48, pid=4242, name={comm}, An uncorrectable double bit error (DBE) has "
+    "been detected on GPU in the framebuffer at partition 0, subpartition 0.",
+    "NVRM: Xid (PCI:0000:b9:00): 79, pid=4242, name={comm}, GPU has fallen off the bus.",
+    "NVRM: Xid (PCI:0000:b9:00): 95, pid=4242, name={comm}, Uncontained: FBHUB. RST: Yes, D-RST: No",
+    "NVRM: Xid (PCI:0000:b9:00): 154, pid=4242, name={comm}, GPU recovery action changed from 0x0 (None) to "
+    "0x2 (Node Reboot Required)",
+    # mm/oom_kill.c: "%s: Killed process %d (%s) total-vm:%lukB, ..." (the system OOM killer).
+    "Out of memory: Killed process 4242 ({comm}) total-vm:123456kB, anon-rss:120000kB, file-rss:0kB",
+    # kernel/watchdog.c: "BUG: soft lockup - CPU#%d stuck for %us! [%s:%d]".
+    "watchdog: BUG: soft lockup - CPU#3 stuck for 23s! [{comm}:4242]",
+    # kernel/hung_task.c: "INFO: task %s:%d blocked for more than %ld seconds.".
+    "INFO: task {comm}:4242 blocked for more than 120 seconds.",
+]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("form", KERNEL_FORMS)
+def test_a_hostile_name_never_hides_a_real_fault(fault, form):
+    baseline = outcome(form.format(fill(fault, "python")))
+    assert baseline is not None  # the positive sign: with a harmless name it is a fault
+    for user in [*HOSTILE_NAMES, *SHORT_TRIGGERS, *DELIMITERS]:
+        line = form.format(fill(fault, user))
+        assert outcome(line) == baseline, line
+
+
+@settings(max_examples=300, deadline=None)
+@given(fault=st.sampled_from(FAULTS), form=st.sampled_from(KERNEL_FORMS),
+       pieces=st.lists(st.sampled_from([*DELIMITERS, *SHORT_TRIGGERS, "x", " "]), min_size=1, max_size=6))
+def test_no_name_made_of_kernel_delimiters_hides_a_fault(fault, form, pieces):
+    baseline = outcome(form.format(fill(fault, "python")))
+    assert outcome(form.format(fill(fault, "".join(pieces)))) == baseline
 
 
 @settings(max_examples=300, deadline=None)
 @given(carrier=st.sampled_from(CARRIERS), form=st.sampled_from(KERNEL_FORMS),
        trigger=st.sampled_from([*TRIGGERS.values(), *SHORT_TRIGGERS]),
-       start=st.integers(0, 40), prefix=st.text(max_size=8), suffix=st.text(max_size=8))
+       start=st.integers(0, 40), prefix=st.lists(st.sampled_from(DELIMITERS), max_size=3),
+       suffix=st.lists(st.sampled_from(DELIMITERS), max_size=3))
 def test_any_slice_of_a_trigger_anywhere_in_a_user_field(carrier, form, trigger, start, prefix, suffix):
-    user = (prefix + trigger[start:] + suffix).replace("\n", " ").replace("\r", " ")
+    user = "".join(prefix) + trigger[start:] + "".join(suffix)
     baseline = outcome(form.format(fill(carrier, "python")))
     assert outcome(form.format(fill(carrier, user))) == baseline

@@ -39,6 +39,10 @@ def local(*args: int) -> float:
      KernelLine(XID, "rfc3339", wall_time=1795346421.0, host="n2")),
     (f"2026-11-22T11:20:21Z n2 kernel: {XID}",
      KernelLine(XID, "rfc3339", wall_time=1795346421.0, host="n2")),
+    (f"2026-11-22T11:20:21Z n2 kernel: [  123.456000][ T1234] {XID}",  # imklog keeps the printk caller too
+     KernelLine(XID, "rfc3339", wall_time=1795346421.0, uptime=123.456, host="n2")),
+    (f"2026-11-22T11:20:21Z n2 kernel: [123.4][ C3]{XID}",
+     KernelLine(XID, "rfc3339", wall_time=1795346421.0, uptime=123.4, host="n2")),
     (f"2026-11-22T11:20:21 n2 kernel: {XID}",                   # no offset: local time
      KernelLine(XID, "rfc3339", wall_time=local(2026, 11, 22, 11, 20, 21), host="n2")),
     # dmesg

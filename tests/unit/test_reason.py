@@ -10,7 +10,6 @@ from hpresilience.slurm.reason import (
     Fault,
     ReasonOwner,
     format_reason,
-    is_ours,
     parse_reason,
     reason_owner,
     sanitize_reason,
@@ -31,7 +30,7 @@ from hpresilience.slurm.reason import (
 ])
 def test_parse_ours(text, action, detail):
     assert parse_reason(text) == ActionReason(action, detail)
-    assert is_ours(text)
+    assert reason_owner(text, "root", "slurm") is ReasonOwner.ACTION
 
 
 @pytest.mark.parametrize("text", [
@@ -43,7 +42,7 @@ def test_parse_ours(text, action, detail):
 ])
 def test_parse_not_ours(text):
     assert parse_reason(text) is None
-    assert not is_ours(text)
+    assert reason_owner(text, "root", "slurm") is not ReasonOwner.ACTION
 
 
 def test_format_round_trip():
@@ -130,6 +129,6 @@ def test_unknown_slurm_user_never_makes_a_reason_slurms():
 @given(st.sampled_from(sorted(SLURM_OWN_REASONS)), st.text(min_size=1))
 def test_slurm_reason_with_anything_appended_is_foreign(base, tail):
     text = base + " " + tail
-    if " ".join(text.split()).lower() in SLURM_OWN_REASONS or is_ours(text):
+    if " ".join(text.split()).lower() in SLURM_OWN_REASONS or parse_reason(text) is not None:
         return
     assert reason_owner(text, "slurm", "slurm") in (ReasonOwner.FOREIGN, ReasonOwner.NONE, ReasonOwner.GAVE_UP)

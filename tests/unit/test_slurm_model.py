@@ -76,7 +76,7 @@ def test_down_kills_jobs_and_requeues_the_requeueable(model, gw):
     job = gw.job(requeueable)
     assert (job.state, job.reason, job.restart_count, job.nodes) == ("PENDING", "BeginTime", 1, ())
     assert job.eligible_time == whole(model.now + dt.timedelta(seconds=REQUEUE_DELAY_SECONDS))
-    assert [(p.job_id, p.comment) for p in gw.pending_jobs()] == [(requeueable, "hpr-auto-resume")]
+    assert [(p.job_id, p.comment) for p in gw.requeued_jobs()] == [(requeueable, "hpr-auto-resume")]
     assert {w.target: w.fields for w in model.writes if w.user == "slurm"} == {
         str(plain): {"job_state": "NODE_FAIL"}, str(requeueable): {"job_state": "PENDING"}}
     model.advance(REQUEUE_DELAY_SECONDS - 1)

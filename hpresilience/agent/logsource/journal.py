@@ -37,9 +37,9 @@ _JSON_LINE_CAP = 1024 * 1024  # JSON escaping can grow a 64 KiB message several 
 class JournalSource:
     """`journalctl -f -o json` as a child process, read without blocking.
 
-    unit=None follows the kernel's messages (`-k`, this boot), else `--unit`.
-    The cursor (`__CURSOR` of the last entry) is saved in state_dir and passed
-    as --after-cursor on every (re)start; without one, entries of the last
+    It follows the kernel's messages (`-k`, this boot). The cursor (`__CURSOR`
+    of the last entry) is saved in state_dir and passed as --after-cursor
+    on every (re)start; without one, entries of the last
     max_age_seconds are read (--since), like KmsgSource. Entries older than
     max_age_seconds are dropped here too, whatever journalctl returns. A
     journalctl that exits is restarted with exponential backoff (1 s .. 60 s).
@@ -48,18 +48,15 @@ class JournalSource:
     Every line carries the entry's __REALTIME_TIMESTAMP (issue 9, defect 10).
     """
 
-    def __init__(self, state_dir: os.PathLike, *, unit: Optional[str] = None,
-                 max_age_seconds: float = DEFAULT_MAX_AGE_SECONDS, journalctl: str = "journalctl",
-                 max_line_bytes: int = MAX_LINE_BYTES) -> None:
+    def __init__(self, state_dir: os.PathLike, *, max_age_seconds: float = DEFAULT_MAX_AGE_SECONDS,
+                 journalctl: str = "journalctl", max_line_bytes: int = MAX_LINE_BYTES) -> None:
         exe = shutil.which(journalctl)
         if exe is None:
             raise LogSourceError(f"{journalctl!r} not found on PATH: install systemd's journalctl (package "
                                  "'systemd' on Debian, Ubuntu and RHEL) or use the 'kmsg' source or a log file")
-        self.name = "journal" if unit is None else f"journal:{unit}"
-        self._argv = [exe, "-k" if unit is None else f"--unit={unit}", "--follow", "--output=json", "--all",
-                      "--no-pager", "--lines=all"]
+        self.name = "journal"
+        self._argv = [exe, "-k", "--follow", "--output=json", "--all", "--no-pager", "--lines=all"]
         self._max_age = max_age_seconds
-        self._kernel_only = unit is None
         self._cap = max_line_bytes
         self._anomalies = Anomalies(self.name)
         self._state = Cursor(Path(state_dir), self.name)
@@ -152,8 +149,7 @@ class JournalSource:
                  after_cursor=self._cursor is not None)
 
     def _entries(self, raws: List[bytes]) -> List[LogLine]:
-        lines, cursor, entries = journal_lines(raws, self.name, max_age_seconds=self._max_age, cap=self._cap,
-                                               kernel_only=self._kernel_only)
+        lines, cursor, entries = journal_lines(raws, self.name, max_age_seconds=self._max_age, cap=self._cap)
         if cursor is not None:
             self._cursor = cursor
         self._entries_this_run += entries
@@ -207,12 +203,12 @@ class JournalSource:
         self._splitter.flush()  # half an entry from a dead process is dropped; the cursor re-reads it
         return proc.returncode
 
-def journal_lines(raws: List[bytes], source: str, *, max_age_seconds: float = math.inf, cap: int = MAX_LINE_BYTES,
-                  kernel_only: bool = True) -> Tuple[List[LogLine], Optional[str], int]:
+def journal_lines(raws: List[bytes], source: str, *, max_age_seconds: float = math.inf, cap: int = MAX_LINE_BYTES
+                  ) -> Tuple[List[LogLine], Optional[str], int]:
     """`journalctl -o json` output, one entry per raw line → (lines, the last entry's __CURSOR,
     entries read). Entries older than max_age_seconds and entries without a MESSAGE give no line.
-    A line is the kernel's when the entry's _TRANSPORT says so (or, for `journalctl -k`, which
-    reads nothing else, when it is absent); its wall time is the entry's __REALTIME_TIMESTAMP."""
+    A line is the kernel's when the entry's _TRANSPORT says so (or, since `journalctl -k` reads
+    nothing else, when it is absent); its wall time is the entry's __REALTIME_TIMESTAMP."""
     messages: List[bytes] = []
     meta: List[Tuple[Optional[float], bool]] = []
     cursor: Optional[str] = None
@@ -239,7 +235,7 @@ def journal_lines(raws: List[bytes], source: str, *, max_age_seconds: float = ma
             capped += 1
             message = message[:cap]
         messages.append(message.replace(b"\n", b" "))
-        meta.append((stamp, entry.get("_TRANSPORT", "kernel" if kernel_only else None) == "kernel"))
+        meta.append((stamp, entry.get("_TRANSPORT", "kernel") == "kernel"))
     if bad:
         log.warning("logsource.journal_unparsable", source=source, entries=bad)
     if capped:
