@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
+import json
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Set, Tuple
@@ -138,6 +139,17 @@ def _locked(method: Callable) -> Callable:
     return wrapper
 
 
+
+def deepcheck_result(node: str, level: str, failed: Sequence[str] = (), errors: Sequence[str] = ()) -> StepResult:
+    """What `hpresilience deepcheck --json` prints and exits with: every named check failed
+    (or could not run), the others passed."""
+    checks = [{"name": name, "status": "fail", "summary": f"{name} failed"} for name in failed]
+    checks += [{"name": name, "status": "error", "summary": f"{name} timed out"} for name in errors]
+    checks += [{"name": "gpu_count", "status": "pass", "summary": "8 GPUs"}]
+    status = "fail" if failed else "error" if errors else "pass"
+    report = {"node": node, "level": level, "status": status, "checks": checks, "duration_seconds": 1.0}
+    return StepResult({"pass": 0, "fail": 1}.get(status, 2), json.dumps(report) + "\n")
+
 class SlurmModel:
     """A fake Slurm 22.05 cluster. Test-side controls: `now`/`clock()`/`advance()`/`tick()`/`sleep()`,
     `as_user()`, `submit()`/`finish()`/`start_step()`, `kill()`/`revive()`/`power_on()`/`power_cycle()`,
@@ -158,6 +170,8 @@ class SlurmModel:
         self.epilog_seconds = epilog_seconds     # a finished job's nodes stay COMPLETING this long
         self.slurm_version = version
         self.check: Callable[[str], StepResult] = lambda node: StepResult(0, "healthy\n")
+        # `hpresilience deepcheck --json --level L` on a node (issue 10): (node, level) -> its result.
+        self.deepcheck: Callable[[str, str], StepResult] = lambda node, level: deepcheck_result(node, level)
         self.hang_reboots: Set[str] = set()      # nodes whose reboots and power-ups never come back
         self.controller_down = False             # slurmctld unreachable: every call raises SlurmUnavailable
         self.reboot_program = True               # RebootProgram configured
@@ -574,7 +588,11 @@ class SlurmModel:
         if not self._step_fits(rec, reservation):
             self.advance(timeout)  # srun sits "queued and waiting for resources" until it is killed
             return StepResult(None, "srun: job queued and waiting for resources\n")
-        result = self.check(node)
+        if "deepcheck" in argv:
+            level = argv[argv.index("--level") + 1] if "--level" in argv else "standard"
+            result = self.deepcheck(node, level)
+        else:
+            result = self.check(node)
         if result.returncode is None:
             self.advance(timeout)
             return result

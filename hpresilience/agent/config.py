@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..config import load_file, validate_daemon_settings
+from ..deepcheck.config import DeepCheckConfig
 from .monitors.nvml import NvmlConfig
 from .monitors.system import SystemConfig
 
@@ -123,6 +124,7 @@ class AgentConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     nvml: NvmlConfig = field(default_factory=NvmlConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
+    deepcheck: DeepCheckConfig = field(default_factory=DeepCheckConfig)   # `hpresilience deepcheck` (issue 10)
 
     @classmethod
     def load(cls, path: Optional[Path]) -> AgentConfig:

@@ -9,6 +9,7 @@ from .agent_cmds import agent, check, classify
 from .autoresume_cmds import nodes, srun_shim
 from .checkpoint_cmds import checkpoint
 from .controller_cmds import controller
+from .deepcheck_cmds import deepcheck
 from .slurm_cmds import slurm
 from .status_cmds import history, status
 
@@ -23,5 +24,5 @@ def main(log_level: str, log_format: str) -> None:
     configure(level=log_level, json=log_format == "json")
 
 
-for command in (slurm, agent, check, classify, controller, status, history, checkpoint, nodes, srun_shim):
+for command in (slurm, agent, check, classify, deepcheck, controller, status, history, checkpoint, nodes, srun_shim):
     main.add_command(command)

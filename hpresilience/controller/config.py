@@ -23,14 +23,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from ..config import load_file, validate_daemon_settings
 
 DEFAULT_CONFIG_PATH = Path("/etc/hpresilience/controller.toml")
 MODES = ("automatic", "manual")
 PROVIDERS = ("none", "command", "power-save", "spare-pool")
-PLACEHOLDERS = ("{node}", "{reason}", "{action}")
+PLACEHOLDERS = ("{node}", "{reason}", "{action}", "{level}")
+LEVELS = ("quick", "standard", "full")
 
 
 def expand_argv(argv: List[str], **values: str) -> List[str]:
@@ -138,6 +139,40 @@ class VerifyConfig:
             raise ValueError("reservation_prefix must be letters, digits, '_' or '-'")
 
 
+def _default_gate_timeouts() -> Dict[str, float]:
+    # DCGM's own figures: level 1 seconds, 2 about 2 minutes, 3 about 15 (HyperPod allows 30/60/180 min).
+    return {"quick": 900.0, "standard": 3600.0, "full": 14400.0}
+
+
+@dataclass
+class GateConfig:
+    """Deep checks (`hpresilience deepcheck`) run on the node in the maintenance
+    reservation after its own check passed and before it is released (issue 10).
+    A failure escalates (reboot -> replace -> a human); "none" turns a gate off."""
+    after_reboot: str = "quick"
+    after_power_cycle: str = "quick"
+    after_replace: str = "full"
+    command: List[str] = field(default_factory=lambda: ["hpresilience", "deepcheck", "--json", "--level", "{level}"])
+    timeout_seconds: Dict[str, float] = field(default_factory=_default_gate_timeouts)
+    hold_new_nodes: bool = False            # nodes that never passed a deep check are held until they do
+    new_node_level: str = "full"
+
+    def level_after(self, action: str) -> Optional[str]:
+        """The level the gate runs after `action` (a NodeAction value), None when off."""
+        level = {"reboot": self.after_reboot, "power_cycle": self.after_power_cycle,
+                 "replace": self.after_replace, "admit": self.new_node_level}.get(action, "none")
+        return None if level == "none" else level
+
+    def validate(self) -> None:
+        for name in ("after_reboot", "after_power_cycle", "after_replace", "new_node_level"):
+            if getattr(self, name) not in (*LEVELS, "none"):
+                raise ValueError(f"{name} {getattr(self, name)!r}: expected one of {', '.join(LEVELS)} or none")
+        _check_argv("deepcheck.command", self.command, required=True)
+        for level, seconds in self.timeout_seconds.items():
+            if level not in LEVELS or seconds <= 0:
+                raise ValueError(f"timeout_seconds.{level}: expected quick, standard or full with seconds > 0")
+
+
 @dataclass
 class ProviderConfig:
     """How a node is replaced or power-cycled.
@@ -174,6 +209,7 @@ class ControllerConfig:
     workflow: WorkflowConfig = field(default_factory=WorkflowConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     provider: ProviderConfig = field(default_factory=ProviderConfig)
+    deepcheck: GateConfig = field(default_factory=GateConfig)
 
     @classmethod
     def load(cls, path: Optional[Path]) -> ControllerConfig:

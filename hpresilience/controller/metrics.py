@@ -24,6 +24,10 @@ class ControllerMetrics:
         self.started = Counter("hpr_controller_workflows_started_total", "Workflows started", ["action"], registry=r)
         self.finished = Counter("hpr_controller_workflows_finished_total", "Workflows finished",
                                 ["action", "status"], registry=r)
+        self.deepcheck_runs = Counter("hpr_controller_deepcheck_runs_total", "Deep-check gate runs with a verdict",
+                                      ["level", "status"], registry=r)
+        self.deepcheck_failures = Counter("hpr_controller_deepcheck_failures_total",
+                                          "Failed checks in deep-check gate runs", ["check"], registry=r)
         self.time_to_service = Histogram("hpr_controller_time_to_service_seconds",
                                          "Detection to back in service, per completed workflow", ["action"],
                                          registry=r, buckets=(10, 20, 30, 60, 120, 300, 600, 1800, 3600, 7200))

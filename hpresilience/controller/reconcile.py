@@ -138,7 +138,8 @@ class Reconciler:
             current = self.steps.leave_drain(current, node)
             if current is None:
                 return
-        work = self.steps.verify if current.step == Step.VERIFY else self.steps.provider_step
+        work = {Step.VERIFY: self.steps.verify, Step.DEEPCHECK: self.steps.deepcheck}.get(Step(current.step),
+                                                                                    self.steps.provider_step)
         self.inflight[current.node] = self.executor.submit(self._guarded, work, current)
 
     def _check_breaker(self, candidates: List[Candidate], now: float):

@@ -2,6 +2,7 @@
 
 - `check_verdict`: what the node's own check said (healthy, unhealthy, not run).
 - `is_unresponsive`: a silent node nobody has claimed.
+- `gate_report`: what the deep-check gate said (issue 10).
 - `reason_change`: what happened to the node's reason since the workflow last
   looked (issue 9: remediation re-reads the node at every step boundary and
   honours the newest reason: an upgrade to Replace, a foreign reason, a fresh fault).
@@ -10,13 +11,15 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import json
 import re
-from typing import Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from ..action import NodeAction
+from ..deepcheck.result import SuiteReport, describe
 from ..slurm import Node
 from ..slurm.models import StepResult
-from ..slurm.reason import ReasonOwner, reason_core, sanitize_reason
+from ..slurm.reason import Fault, ReasonOwner, reason_core, sanitize_reason
 
 
 def summary(output: str) -> str:
@@ -87,3 +90,39 @@ def reason_change(facts: Mapping[str, object], action: str, node: Node) -> Chang
     if flagged is not None and flagged.action is NodeAction.REPLACE and action != NodeAction.REPLACE.value:
         return Change.UPGRADE
     return Change.FRESH
+
+
+# The fault a failed deep check stands for: harsher than any reboot (the remedy did not
+# make the node good), so it escalates a reboot and gives a replacement up (issue 10).
+DEEPCHECK_FAULT = Fault("DEEPCHECK")
+
+
+def gate_report(result: StepResult) -> Optional[SuiteReport]:
+    """The report `hpresilience deepcheck --json` printed (the last JSON line that is one),
+    or None when there is none (srun failed, the command crashed, output cut short).
+
+    >>> out = '{"event": "deepcheck.result"}\\n{"node": "n1", "level": "quick", "checks": []}\\nsrun: error: x'
+    >>> gate_report(StepResult(2, out)).node
+    'n1'
+    >>> gate_report(StepResult(1, "srun: error: Unable to allocate resources")) is None
+    True
+    """
+    for line in reversed(result.output.splitlines()):
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            data = json.loads(line)
+            if isinstance(data, dict) and "checks" in data and "level" in data:
+                return SuiteReport.from_dict(data)
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def gate_record(report: SuiteReport) -> Dict[str, Any]:
+    """What the journal keeps of a gate run: enough for `status`/`history`, bounded in size."""
+    return {"level": report.level.value, "status": report.status.value,
+            "seconds": round(report.duration_seconds, 1),
+            "checks": {r.name: r.status.value for r in report.results},
+            "failed": [describe(r, 200) for r in report.failed()]}

@@ -3,6 +3,7 @@
     drain ─┬─ reboot ──────→ await_boot ─┐
            ├─ replace ─────→ await_node ─┼─→ verify ─→ release ─→ done
            └─ power_cycle ─→ await_boot ─┘
+                                   verify ─→ deepcheck ─→ release
 
 - drain: jobs leave (FAIL/DRAIN let them finish; DOWN has none); the reconcile
   pass (reconcile.py) gates leaving this step with the limits and the breaker.
@@ -15,6 +16,10 @@
   between a reboot and the verdict of its own check.
 - verify: the node's own check (`hpresilience check`) runs on it through Slurm
   (srun -w NODE in that reservation).
+- deepcheck: the gate (issue 10): `hpresilience deepcheck` at the level configured
+  for the remedy (quick after a reboot, full after a replacement) in the same
+  reservation; a failure escalates like a fault after the remedy (reboot -> replace
+  -> a human), with the failing check in the reason and in history.
 - every step first re-reads the node and honours its newest reason
   (verdict.reason_change, issue 9): someone else's reason ends the workflow; an
   upgrade to Replace switches it to a replacement; a fault flagged after the
@@ -45,6 +50,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import structlog
 
 from ..action import NodeAction
+from ..deepcheck.result import Status, describe
 from ..slurm import Node, SlurmCommandError, SlurmGateway, SlurmUnavailable
 from ..slurm.gateway import NodeState
 from ..slurm.models import StepResult
@@ -53,7 +59,7 @@ from .config import ControllerConfig, expand_argv
 from .journal import Journal, Workflow
 from .metrics import ControllerMetrics
 from .providers import Provider, ProviderError, ProviderInterrupted
-from .verdict import Change, check_verdict, reason_change, summary, ts
+from .verdict import DEEPCHECK_FAULT, Change, check_verdict, gate_record, gate_report, reason_change, summary, ts
 
 log = structlog.get_logger(__name__)
 
@@ -74,18 +80,21 @@ class Step(str, enum.Enum):
     AWAIT_NODE = "await_node"
     POWER_CYCLE = "power_cycle"
     VERIFY = "verify"
+    DEEPCHECK = "deepcheck"
     RELEASE = "release"
     DONE = "done"
 
 
 FIRST_EFFECT = {NodeAction.REBOOT: Step.REBOOT, NodeAction.REPLACE: Step.REPLACE,
                 NodeAction.POWER_CYCLE: Step.POWER_CYCLE}
-# Steps that run in a worker thread: they wait on a provider or on the node's check.
-WORKER_STEPS = (Step.REPLACE, Step.POWER_CYCLE, Step.VERIFY)
+# Steps that run in a worker thread: they wait on a provider or on the node's checks.
+WORKER_STEPS = (Step.REPLACE, Step.POWER_CYCLE, Step.VERIFY, Step.DEEPCHECK)
+# Steps after the remedy: a fault flagged now is judged as one that survived the remedy.
+CHECK_STEPS = (Step.VERIFY, Step.DEEPCHECK, Step.RELEASE)
 # Facts of one remedy attempt: cleared when a workflow escalates, so the provider and the
 # check of the replacement start afresh (defect 11: `powered_up` of a power cycle survived
 # the escalation and the power-save provider never replaced).
-ATTEMPT_FACTS = {"provider_facts": {}, "resumed_at": None, "verify_attempts": 0}
+ATTEMPT_FACTS = {"provider_facts": {}, "resumed_at": None, "verify_attempts": 0, "deepcheck_attempts": 0}
 
 
 def workflow_fault(wf: Workflow) -> Optional[Fault]:
@@ -173,7 +182,7 @@ class Steps:
                 log.warning("controller.upgrade", node=node.name, workflow=wf.id, reason=node.reason)
                 return self.journal.advance(wf.id, wf.step, wf.step, self._seen(node, reason=node.reason or wf.reason),
                                             action=NodeAction.REPLACE.value)
-            if step in (Step.REBOOT, Step.AWAIT_BOOT, Step.POWER_CYCLE, Step.VERIFY, Step.RELEASE):
+            if step in (Step.REBOOT, Step.AWAIT_BOOT, Step.POWER_CYCLE, *CHECK_STEPS):
                 self.escalate(wf, node, f"flagged for replacement: {node.reason}", write_reason=False)
                 return None
             return self._accept(wf, node)
@@ -351,50 +360,103 @@ class Steps:
 
     def verify(self, wf: Workflow) -> None:
         """A worker: the node's own check, through srun in our reservation."""
-        node = self.gateway.node(wf.node)
-        current = self._honour_newest_reason(wf, node)
-        if current is None or current.step != wf.step:
+        ready = self._ready_for_checks(wf)
+        if ready is None:
             return
-        wf = current
+        wf, node = ready
         if not self.config.verify.enabled:
-            self.to(wf, Step.RELEASE, {"verified": "skipped (verify.enabled = false)"})
+            self._verified(wf, {"verified": "skipped (verify.enabled = false)"})
             return
-        if not node.is_responding:
-            # Registered, then silent again: wait, but not forever.
-            if self.clock() - wf.data.get("step_at", self.clock()) > self.config.workflow.register_timeout_seconds:
-                self.give_up(wf, node, "not responding since its new boot")
-            return
-        self._reserve(node.name)
-        if node.is_drained or node.is_down:
-            # Inside our reservation nobody else can use it; the check needs it schedulable.
-            self.gateway.set_state(node.name, NodeState.RESUME)
-            wf = self.journal.note(wf.id, wf.step, {"resumed_at": self.clock(), "seen_reason": None,
-                                                    "seen_time": None}) or wf
         verify = self.config.verify
-        argv = expand_argv(verify.command, node=node.name, reason=wf.reason, action=wf.action)
-        try:
-            result = self.gateway.run_on_node(node.name, argv, timeout=verify.timeout_seconds,
-                                              reservation=self._reservation(node.name), srun=verify.srun)
-        except SlurmCommandError as e:  # srun missing, refused...: the check did not run
-            result = StepResult(None, str(e))
+        result = self._run_on_node(wf, node, expand_argv(verify.command, node=node.name, reason=wf.reason,
+                                                          action=wf.action), verify.timeout_seconds)
         verdict = check_verdict(result)
         if verdict == "healthy":
-            self.to(wf, Step.RELEASE, {"verified_at": self.clock(),
-                                       "verify_output": sanitize_reason(result.output, 400)})
+            self._verified(wf, {"verified_at": self.clock(), "verify_output": sanitize_reason(result.output, 400)})
         elif verdict == "unhealthy":
             self._fault_after_remedy(wf, self.gateway.node(node.name), f"check failed: {summary(result.output)}",
                                      check_faults(result.output))
         else:
-            attempts = int(wf.data.get("verify_attempts", 0)) + 1
-            output = sanitize_reason(result.output, 400)
-            log.warning("controller.verify_not_run", node=node.name, workflow=wf.id, attempt=attempts,
-                        returncode=result.returncode, output=output)
-            if attempts >= VERIFY_ATTEMPTS:
-                # Our verification is broken (srun, the command), not necessarily the node:
-                # never escalate to a replacement on that; a human looks.
-                self.give_up(wf, self.gateway.node(node.name), f"check could not run {attempts} times: {output}")
-            else:
-                self.journal.note(wf.id, wf.step, {"verify_attempts": attempts})
+            self._not_run(wf, node, "check", result)
+
+    def _verified(self, wf: Workflow, data: Dict[str, object]) -> None:
+        gate = self.config.deepcheck.level_after(wf.action)
+        if gate is None:
+            self.to(wf, Step.RELEASE, {**data, "deepcheck": "off"})
+        else:
+            self.to(wf, Step.DEEPCHECK, {**data, "deepcheck_level": gate, "deepcheck_attempts": 0})
+
+    def deepcheck(self, wf: Workflow) -> None:
+        """A worker: the deep-check gate (issue 10), `hpresilience deepcheck` on the node in
+        our reservation. Pass: release. Fail: the remedy did not make the node good:
+        escalate a reboot to a replacement, give a replacement up to a human. Could not
+        run: tried again, then a human (never a replacement on our own inability)."""
+        ready = self._ready_for_checks(wf)
+        if ready is None:
+            return
+        wf, node = ready
+        gate = self.config.deepcheck
+        level = str(wf.data.get("deepcheck_level") or gate.level_after(wf.action) or "quick")
+        result = self._run_on_node(wf, node, expand_argv(gate.command, node=node.name, reason=wf.reason,
+                                                          action=wf.action, level=level),
+                                   gate.timeout_seconds.get(level, 3600.0))
+        report = gate_report(result)
+        if report is None or report.status not in (Status.PASS, Status.FAIL):
+            self._not_run(wf, node, "deep check", result)
+            return
+        record = gate_record(report)
+        self.journal.record(node.name, "deepcheck", record, wf.id)
+        self.metrics.deepcheck_runs.labels(level, report.status.value).inc()
+        for failed in report.failed():
+            self.metrics.deepcheck_failures.labels(failed.name).inc()
+        if report.status is Status.PASS:
+            self.to(wf, Step.RELEASE, {"deepcheck": record})
+            return
+        why = "deep check failed: " + "; ".join(describe(r, 100) for r in report.failed())
+        log.warning("controller.deepcheck_failed", node=node.name, workflow=wf.id, level=level, why=why)
+        self.journal.note(wf.id, wf.step, {"deepcheck": record})
+        self._fault_after_remedy(wf, self.gateway.node(node.name), why, [("REPLACE", DEEPCHECK_FAULT)])
+
+    def _ready_for_checks(self, wf: Workflow) -> Optional[Tuple[Workflow, Node]]:
+        """The node, responding, schedulable inside our reservation, with the workflow as it
+        is now; None when the workflow ended or moved, or the node is silent (waited on)."""
+        node = self.gateway.node(wf.node)
+        current = self._honour_newest_reason(wf, node)
+        if current is None or current.step != wf.step:
+            return None
+        wf = current
+        if not node.is_responding:
+            # Registered, then silent again: wait, but not forever.
+            if self.clock() - wf.data.get("step_at", self.clock()) > self.config.workflow.register_timeout_seconds:
+                self.give_up(wf, node, "not responding since its new boot")
+            return None
+        self._reserve(node.name)
+        if node.is_drained or node.is_down:
+            # Inside our reservation nobody else can use it; the checks need it schedulable.
+            self.gateway.set_state(node.name, NodeState.RESUME)
+            wf = self.journal.note(wf.id, wf.step, {"resumed_at": self.clock(), "seen_reason": None,
+                                                    "seen_time": None}) or wf
+        return wf, node
+
+    def _run_on_node(self, wf: Workflow, node: Node, argv: List[str], timeout: float) -> StepResult:
+        try:
+            return self.gateway.run_on_node(node.name, argv, timeout=timeout,
+                                            reservation=self._reservation(node.name), srun=self.config.verify.srun)
+        except SlurmCommandError as e:  # srun missing, refused...: the command did not run
+            return StepResult(None, str(e))
+
+    def _not_run(self, wf: Workflow, node: Node, what: str, result: StepResult) -> None:
+        """The check step could not run: again next pass, then a human. Our verification
+        being broken (srun, the command) says nothing about the node: never a replacement."""
+        key = f"{wf.step}_attempts"
+        attempts = int(wf.data.get(key, 0)) + 1
+        output = sanitize_reason(result.output, 400)
+        log.warning("controller.check_not_run", node=node.name, workflow=wf.id, step=wf.step, attempt=attempts,
+                    returncode=result.returncode, output=output)
+        if attempts >= VERIFY_ATTEMPTS:
+            self.give_up(wf, self.gateway.node(node.name), f"{what} could not run {attempts} times: {output}")
+        else:
+            self.journal.note(wf.id, wf.step, {key: attempts})
 
     def release(self, wf: Workflow) -> None:
         """Back in service, unless the node's reason is no longer the workflow's: a fault

@@ -31,6 +31,7 @@ class Node:
     next_state: Optional[str] = None
     partitions: Tuple[str, ...] = ()
     gres: Tuple[str, ...] = ()              # e.g. ("gpu:8",)
+    features: Tuple[str, ...] = ()          # ActiveFeatures, e.g. ("h100", "ib") (issue 10: per-feature thresholds)
     cpus: Optional[int] = None
     version: Optional[str] = None
     jobs: Tuple[int, ...] = ()              # filled in by SlurmGateway.nodes(with_jobs=True)

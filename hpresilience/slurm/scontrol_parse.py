@@ -141,6 +141,7 @@ def node_from_record(r: Dict[str, str]) -> Node:
         slurmd_start_time=parse_time(r.get("SlurmdStartTime")),
         next_state=_opt(r.get("NextState")),
         partitions=_list(r.get("Partitions")),
+        features=_list(r.get("ActiveFeatures") or r.get("AvailableFeatures")),
         gres=_gres(r.get("Gres")),
         cpus=_int(r.get("CPUTot")),
         version=_opt(r.get("Version")),

@@ -37,7 +37,10 @@ def test_reboot_workflow_reboots_verifies_and_returns_the_node(cluster):
     wf = only_workflow(cluster, "n1")
     assert (wf.action, wf.status) == ("reboot", "done")
     assert cluster.reboots("n1") == 1 and cluster.power_downs("n1") == 0
-    assert [s.node for s in cluster.model.steps_run] == ["n1"]
+    # its own check, then the quick deep-check gate (issue 10), both inside our reservation
+    assert [(s.node, "deepcheck" in s.argv, s.reservation) for s in cluster.model.steps_run] == [
+        ("n1", False, "hpr_verify_n1"), ("n1", True, "hpr_verify_n1")]
+    assert "quick" in cluster.model.steps_run[1].argv
     node = cluster.gateway.node("n1")
     assert node.available and node.reason is None
 

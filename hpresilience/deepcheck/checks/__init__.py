@@ -1,0 +1,9 @@
+"""Every deep check, by name: the registry the configuration and the suite use."""
+from __future__ import annotations
+
+from typing import Dict
+
+from ..check import Check
+from .disk import DiskCheck
+
+CHECKS: Dict[str, Check] = {c.name: c for c in (DiskCheck(),)}

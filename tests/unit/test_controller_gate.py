@@ -1,0 +1,103 @@
+"""The deep-check gate in the controller's workflow (issue 10, deliverable 3), against the in-memory
+Slurm model: real Reconciler, Steps and Journal; the node's `hpresilience deepcheck --json` is the
+model's answer (tests/slurm_model.py `deepcheck_result`)."""
+import pytest
+
+from hpresilience.action import NodeAction
+from hpresilience.slurm.models import StepResult
+from hpresilience.slurm.reason import GAVE_UP_PREFIX, parse_reason
+from tests.decision_harness import Cluster
+from tests.slurm_model import deepcheck_result
+
+XID_79 = ("XID_79", "GPU 3")
+
+
+@pytest.fixture
+def cluster(tmp_path) -> Cluster:
+    return Cluster.build(tmp_path)
+
+
+def gate_runs(cluster: Cluster, node: str):
+    """(level) of every deep check the controller ran on `node`, in order."""
+    return [s.argv[s.argv.index("--level") + 1] for s in cluster.model.steps_run
+            if s.node == node and "deepcheck" in s.argv]
+
+
+def deepcheck_events(cluster: Cluster, node: str):
+    return [e.detail for e in cluster.journal.events(node=node) if e.kind == "deepcheck"]
+
+
+def test_a_passing_node_is_released_with_its_deepcheck_record_in_history(cluster):
+    cluster.flag("n1", NodeAction.REBOOT, *XID_79)
+    cluster.settle()
+    [wf] = cluster.workflows("n1")
+    assert (wf.action, wf.status) == ("reboot", "done")
+    assert gate_runs(cluster, "n1") == ["quick"]
+    [record] = deepcheck_events(cluster, "n1")
+    assert record["status"] == "pass" and record["level"] == "quick" and record["checks"] == {"gpu_count": "pass"}
+    assert cluster.gateway.node("n1").available
+
+
+def test_a_failed_deepcheck_after_a_reboot_escalates_to_a_replacement_with_the_check_in_the_reason(cluster):
+    results = iter([deepcheck_result("n1", "quick", failed=["dcgm"])])
+    cluster.model.deepcheck = lambda node, level: next(results, deepcheck_result(node, level))
+    cluster.flag("n1", NodeAction.REBOOT, *XID_79)
+    seen_reasons = []
+    for _ in range(40):
+        cluster.run_pass()
+        seen_reasons.append(cluster.gateway.node("n1").reason)
+        if not cluster.journal.active():
+            break
+        cluster.model.advance(5)
+    [wf] = cluster.workflows("n1")
+    assert (wf.action, wf.status) == ("replace", "done")
+    assert "deep check failed: dcgm: dcgm failed" in wf.data["escalated"]
+    escalated = [parse_reason(r) for r in seen_reasons if r and "deep check failed" in r]
+    assert escalated and escalated[0].action is NodeAction.REPLACE
+    assert escalated[0].fault is not None and escalated[0].fault.code == "XID_79"   # the workflow's own fault
+    assert cluster.power_downs("n1") == 1                                          # replaced once
+    assert gate_runs(cluster, "n1") == ["quick", "full"]                            # full after the replacement
+    assert [r["status"] for r in deepcheck_events(cluster, "n1")] == ["fail", "pass"]
+    assert cluster.gateway.node("n1").available
+
+
+def test_a_replaced_node_whose_deepcheck_fails_is_not_released(cluster):
+    cluster.model.deepcheck = lambda node, level: deepcheck_result(node, level, failed=["dcgm"])
+    cluster.flag("n1", NodeAction.REPLACE, "XID_74", "GPU 0")
+    cluster.settle()
+    [wf] = cluster.workflows("n1")
+    assert (wf.action, wf.status) == ("replace", "failed")
+    node = cluster.gateway.node("n1")
+    assert not node.available and node.reason.startswith(GAVE_UP_PREFIX)
+    assert "deep check failed: dcgm" in node.reason
+    assert cluster.gateway.reservation("hpr_verify_n1") is None          # the reservation is gone
+    assert [r["failed"] for r in deepcheck_events(cluster, "n1")] == [["dcgm: dcgm failed"]]
+
+
+def test_a_deepcheck_that_cannot_run_gives_the_node_to_a_human_and_never_escalates(cluster):
+    cluster.model.deepcheck = lambda node, level: deepcheck_result(node, level, errors=["dcgm"])
+    cluster.flag("n1", NodeAction.REBOOT, *XID_79)
+    cluster.settle()
+    [wf] = cluster.workflows("n1")
+    assert (wf.action, wf.status) == ("reboot", "failed")
+    assert len(gate_runs(cluster, "n1")) == 3 and cluster.power_downs("n1") == 0
+    assert "deep check could not run 3 times" in cluster.gateway.node("n1").reason
+    assert deepcheck_events(cluster, "n1") == []     # no verdict was journaled
+
+
+def test_srun_failing_before_the_deepcheck_ran_is_not_a_verdict(cluster):
+    cluster.model.deepcheck = lambda node, level: StepResult(1, "srun: error: Unable to allocate resources\n")
+    cluster.flag("n1", NodeAction.REBOOT, *XID_79)
+    cluster.settle()
+    [wf] = cluster.workflows("n1")
+    assert wf.status == "failed" and cluster.power_downs("n1") == 0
+
+
+def test_the_gate_can_be_turned_off_per_remedy(tmp_path):
+    cluster = Cluster.build(tmp_path)
+    cluster.config.deepcheck.after_reboot = "none"
+    cluster.flag("n1", NodeAction.REBOOT, *XID_79)
+    cluster.settle()
+    [wf] = cluster.workflows("n1")
+    assert wf.status == "done" and wf.data["deepcheck"] == "off"
+    assert len(cluster.model.steps_run) == 1 and gate_runs(cluster, "n1") == []   # the check ran, the gate not
