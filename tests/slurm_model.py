@@ -192,6 +192,11 @@ class SlurmModel:
         for name in expand(nodes):
             self._nodes[name] = _Node(name, tuple(partitions), tuple(gres), cpus, boot=-3600.0)
 
+    def remove_nodes(self, nodes: str) -> None:
+        """Take nodes out of the configuration (slurm.conf edited, slurmctld restarted)."""
+        for name in expand(nodes):
+            del self._nodes[name]
+
     @property
     def now(self) -> dt.datetime:
         return EPOCH + dt.timedelta(seconds=self._t)

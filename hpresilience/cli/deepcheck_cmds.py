@@ -38,11 +38,14 @@ def node_facts(config, no_slurm: bool):
 @click.option("--nodes", "nodelist", metavar="NODELIST",
               help="Cluster level: an all-reduce bandwidth test across these nodes through srun; "
                    "names the culprit node(s) when the group fails.")
+@click.option("--apply", "apply", is_flag=True,
+              help="On a failure, take this node out of service with an Action: reason, as the agent would "
+                   "(for the prolog/epilog in slurm_plugins/).")
 @click.option("--no-slurm", is_flag=True,
               help="Do not ask Slurm for this node's partitions, features and jobs (an admin's run on a "
                    "node outside Slurm): default parameters, and no guard against running jobs.")
 def deepcheck(config_path: Optional[Path], level: str, only: Tuple[str, ...], as_json: bool,
-              nodelist: Optional[str], no_slurm: bool) -> None:
+              nodelist: Optional[str], apply: bool, no_slurm: bool) -> None:
     """Active health checks that load the node: exit 0 pass, 1 fail, 2 could not run.
 
     Each check prints PASS, FAIL, SKIP (with why: no such device, tool not
@@ -75,6 +78,15 @@ def deepcheck(config_path: Optional[Path], level: str, only: Tuple[str, ...], as
     from ..deepcheck.suite import run_suite
     report = run_suite(CHECKS, names, Level(level), facts, config.deepcheck, config.agent.state_dir)
     _print(report, as_json)
+    if apply and not no_slurm:
+        from ..deepcheck.apply import apply_report
+        try:
+            outcome = apply_report(config, report)
+        except SlurmError as e:
+            click.echo(f"hpresilience deepcheck: could not apply: {e}", err=True)
+            sys.exit(EXIT_NOT_RUN)
+        if outcome is not None:
+            click.echo(f"action: {outcome}", err=True)
     sys.exit(report.exit_code)
 
 

@@ -18,7 +18,7 @@ import click
 
 from ..config import ConfigError
 from ..controller.config import DEFAULT_CONFIG_PATH, ControllerConfig
-from ..controller.journal import Breaker, Journal, Workflow
+from ..controller.journal import Breaker, Event, Journal, Workflow
 from ..slurm import CommandRunner, Node, ScontrolBackend, SlurmError, SlurmGateway
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -143,25 +143,41 @@ def category(node: Node) -> str:
     return "other"
 
 
-def status_rows(nodes: List[Node], active: List[Workflow], now: float, show_all: bool) -> List[Dict[str, Any]]:
+def status_rows(nodes: List[Node], active: List[Workflow], now: float, show_all: bool,
+                deepchecks: Optional[Dict[str, Event]] = None) -> List[Dict[str, Any]]:
     """A row per node out of service or with a workflow (every node with show_all), in Slurm's
-    order, then workflows on nodes Slurm no longer knows."""
+    order, then workflows on nodes Slurm no longer knows. Each row carries the node's last
+    deep-check result (issue 10)."""
     by_node = {w.node: w for w in active}
+    checks = deepchecks or {}
     rows = []
     for node in nodes:
         wf = by_node.pop(node.name, None)
         if show_all or wf is not None or not node.available:
-            rows.append(_row(node.name, node.state_text, node.reason, wf, now))
-    rows += [_row(name, None, None, wf, now) for name, wf in by_node.items()]
+            rows.append(_row(node.name, node.state_text, node.reason, wf, now, checks.get(node.name)))
+    rows += [_row(name, None, None, wf, now, checks.get(name)) for name, wf in by_node.items()]
     return rows
 
 
-def _row(name: str, state: Optional[str], reason: Optional[str], wf: Optional[Workflow], now: float
-         ) -> Dict[str, Any]:
+def _row(name: str, state: Optional[str], reason: Optional[str], wf: Optional[Workflow], now: float,
+         deepcheck: Optional[Event] = None) -> Dict[str, Any]:
     return {"node": name, "state": state, "reason": reason,
             "workflow_id": wf.id if wf else None, "step": wf.step if wf else None,
             "action": wf.action if wf else None, **_times("step_since", wf.updated_at if wf else None),
-            "step_seconds": now - wf.updated_at if wf else None}
+            "step_seconds": now - wf.updated_at if wf else None,
+            "deepcheck": {**deepcheck.detail, **_times("at", deepcheck.at)} if deepcheck else None}
+
+
+def deepcheck_text(record: Optional[Dict[str, Any]], now: float) -> str:
+    """A node's last deep check, short: "pass full 2h05m ago" / "fail quick 3m12s ago: dcgm"."""
+    if not record:
+        return "-"
+    return gate_verdict(record, f" {human_duration(now - record['at'])} ago")
+
+
+def gate_verdict(record: Dict[str, Any], when: str = "") -> str:
+    failed = [f.split(":", 1)[0] for f in record.get("failed") or ()]
+    return f"{record.get('status')} {record.get('level')}{when}" + (f": {','.join(failed)}" if failed else "")
 
 
 def summary(nodes: List[Node], active: List[Workflow], journal: Optional[Path]) -> Dict[str, Any]:
@@ -214,11 +230,12 @@ def status(config_path: Optional[Path], show_all: bool, as_json: bool) -> None:
     try:
         active = journal.active() if journal else []
         breaker = journal.breaker() if journal else None
+        deepchecks = journal.last_events("deepcheck") if journal else {}
     finally:
         if journal:
             journal.close()
     now = time.time()
-    rows = status_rows(nodes, active, now, show_all)
+    rows = status_rows(nodes, active, now, show_all, deepchecks)
     counts = summary(nodes, active, config.journal_path if journal else None)
     if as_json:
         click.echo(json.dumps({"nodes": rows, "summary": counts, "breaker": breaker_dict(breaker)}, indent=2))
@@ -226,9 +243,10 @@ def status(config_path: Optional[Path], show_all: bool, as_json: bool) -> None:
     if journal is None:
         click.echo(no_journal_note(config), err=True)
     if rows:
-        click.echo(table(["NODE", "STATE", "STEP", "ACTION", "SINCE", "REASON"],
+        click.echo(table(["NODE", "STATE", "STEP", "ACTION", "SINCE", "DEEPCHECK", "REASON"],
                          [[r["node"], r["state"] or "(not in Slurm)", r["step"] or "-", r["action"] or "-",
-                           human_duration(r["step_seconds"]), r["reason"] or ""] for r in rows]))
+                           human_duration(r["step_seconds"]), deepcheck_text(r["deepcheck"], now), r["reason"] or ""]
+                          for r in rows]))
     else:
         click.echo("Every node is in service and no workflow is active.")
     click.echo(summary_text(counts))
@@ -275,6 +293,14 @@ def history(config_path: Optional[Path], node: Optional[str], since: Optional[fl
     if not workflows:
         click.echo("No workflows" + (" for that node" if node else "") + (" in that time" if since else "") + ".")
         return
-    click.echo(table(["ID", "NODE", "ACTION", "STATUS", "STEP", "DETECTED", "FINISHED", "TO_SERVICE", "REASON"],
+    click.echo(table(["ID", "NODE", "ACTION", "STATUS", "STEP", "DETECTED", "FINISHED", "TO_SERVICE", "DEEPCHECK",
+                      "REASON"],
                      [[str(w.id), w.node, w.action, w.status, w.step, local_time(w.detected_at),
-                       local_time(w.finished_at), human_duration(w.time_to_service), w.reason] for w in workflows]))
+                       local_time(w.finished_at), human_duration(w.time_to_service), _gate_text(w.data), w.reason]
+                      for w in workflows]))
+
+
+def _gate_text(data: Dict[str, Any]) -> str:
+    """The workflow's deep-check gate, short: "pass quick", "fail full: dcgm", "off", "-"."""
+    record = data.get("deepcheck")
+    return gate_verdict(record) if isinstance(record, dict) else str(record or "-")

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS workflows (
@@ -232,6 +232,40 @@ class Journal:
     def _set_control(self, key: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO control (key, value, at) VALUES (?, ?, ?)", (key, value, self.clock()))
 
+    # ------------------------------------------------------- admission (issue 10)
+    def admitted(self) -> Optional[Set[str]]:
+        """Nodes admitted to service (passed an admission, or present when `hold_new_nodes`
+        was first switched on); None before that."""
+        with self.lock:
+            value = self._control("admitted_nodes")
+        return set(json.loads(value)) if value is not None else None
+
+    def start_admission(self, nodes: Iterable[str]) -> None:
+        """`hold_new_nodes` switched on: the nodes Slurm has now are in service already."""
+        with self._transaction():
+            if self._control("admitted_nodes") is None:
+                known = sorted(set(nodes))
+                self._set_control("admitted_nodes", json.dumps(known))
+                self._event(None, "-", "admission_baseline", {"nodes": len(known)})
+
+    def admit(self, nodes: Iterable[str]) -> None:
+        with self._transaction():
+            known = set(json.loads(self._control("admitted_nodes") or "[]"))
+            for node in sorted(set(nodes) - known):
+                self._event(None, node, "admitted", {})
+            self._set_control("admitted_nodes", json.dumps(sorted(known | set(nodes))))
+
+    def forget(self, nodes: Iterable[str]) -> None:
+        """Nodes gone from Slurm's configuration: if they come back, they are new."""
+        with self._transaction():
+            known = set(json.loads(self._control("admitted_nodes") or "[]"))
+            gone = known & set(nodes)
+            if not gone:
+                return
+            self._set_control("admitted_nodes", json.dumps(sorted(known - gone)))
+            for node in sorted(gone):
+                self._event(None, node, "forgotten", {"why": "no longer in Slurm's configuration"})
+
     # ------------------------------------------------------------------- reads
     def workflow(self, workflow_id: int) -> Workflow:
         with self.lock:
@@ -257,6 +291,14 @@ class Journal:
         return [Event(r["id"], r["workflow_id"], r["node"], r["at"], r["kind"], json.loads(r["detail"]))
                 for r in self._select("events", [("workflow_id = ?", workflow_id), ("node = ?", node),
                                                  ("at >= ?", since)])]
+
+    def last_events(self, kind: str) -> Dict[str, Event]:
+        """The newest event of `kind` per node (e.g. each node's last deep-check result, issue 10)."""
+        with self.lock:
+            rows = self.db.execute("SELECT * FROM events WHERE id IN (SELECT MAX(id) FROM events WHERE kind = ? "
+                                   "GROUP BY node)", (kind,)).fetchall()
+        return {r["node"]: Event(r["id"], r["workflow_id"], r["node"], r["at"], r["kind"], json.loads(r["detail"]))
+                for r in rows}
 
     def _select(self, table: str, filters: List[Tuple[str, Any]]) -> List[sqlite3.Row]:
         """Rows of `table` matching every filter whose value is not None, oldest first."""

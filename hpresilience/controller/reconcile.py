@@ -21,6 +21,7 @@ import structlog
 
 from ..action import NodeAction
 from ..slurm import Node, SlurmError, SlurmGateway
+from ..slurm.reason import ReasonOwner
 from .config import ControllerConfig
 from .expedite import expedite_requeued
 from .journal import Journal, Workflow
@@ -110,6 +111,10 @@ class Reconciler:
                 wf = self._open(c, now)
                 active[wf.node] = wf
                 report.started.append(wf.node)
+            for node in self._unadmitted(nodes, active):
+                # Moved on from the next pass, which reads the node as held.
+                if self.steps.hold(node, now) is not None:
+                    report.started.append(node.name)
         self.remediating = {wf.node: set(by_name[wf.node].partitions) if wf.node in by_name else set()
                             for wf in active.values() if wf.step != Step.DRAIN}
         for wf in active.values():
@@ -158,6 +163,19 @@ class Reconciler:
             log.error("controller.paused", detail=breaker.detail, since=breaker.tripped_at,
                       hint="run `hpresilience controller resume` to let automatic action continue")
         return breaker
+
+    def _unadmitted(self, nodes: List[Node], active: Dict[str, Workflow]) -> List[Node]:
+        """With `deepcheck.hold_new_nodes` (issue 10): nodes that never passed a deep check,
+        in service with no reason, to be held until they do. The nodes present when the
+        switch first turns on are the baseline; a node removed from Slurm is forgotten, so
+        re-added it is new."""
+        if not self.steps.config.deepcheck.hold_new_nodes:
+            return []
+        self.journal.start_admission(n.name for n in nodes)
+        admitted = self.journal.admitted() or set()
+        self.journal.forget(admitted - {n.name for n in nodes})
+        return [n for n in nodes if n.name not in admitted and n.name not in active and n.is_responding
+                and n.reason_owner is ReasonOwner.NONE]
 
     def _reap(self) -> None:
         for node, future in list(self.inflight.items()):

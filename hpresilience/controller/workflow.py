@@ -25,6 +25,12 @@
   upgrade to Replace switches it to a replacement; a fault flagged after the
   workflow's own is never cleared by it.
 
+Admission (issue 10, `deepcheck.hold_new_nodes`): a node that never passed a deep
+check (new, or re-added to Slurm's configuration) is held in a workflow of action
+``admit``: drained with a reason of ours, then verify -> deepcheck (the new-node
+level) -> release. A failure gives the node to a human: it never served, so it is
+not ours to replace.
+
 Escalation has one owner, `Steps.escalation` (issue 9): Reboot becomes Replace only
 when the same fault (code and device) returns on the same node after a reboot, or
 when the reboot itself does not happen (refused, no new boot).
@@ -85,6 +91,7 @@ class Step(str, enum.Enum):
     DONE = "done"
 
 
+ADMIT = "admit"   # the workflow action holding a new node until its deep check passes
 FIRST_EFFECT = {NodeAction.REBOOT: Step.REBOOT, NodeAction.REPLACE: Step.REPLACE,
                 NodeAction.POWER_CYCLE: Step.POWER_CYCLE}
 # Steps that run in a worker thread: they wait on a provider or on the node's checks.
@@ -210,7 +217,7 @@ class Steps:
         fault = workflow_fault(wf)
         same = fault is not None and any(f == fault for _, f in found)
         harsher = any(a == "REPLACE" for a, _ in found)
-        if wf.action != NodeAction.REPLACE.value and (same or harsher):
+        if wf.action not in (NodeAction.REPLACE.value, ADMIT) and (same or harsher):
             self.escalate(wf, node, f"after {wf.action}: {why}")
         elif node.action_reason is not None and not same and reason_change(wf.data, wf.action, node) is not Change.NONE:
             self.finish(wf, "done", f"superseded by a new fault: {node.reason}")
@@ -243,7 +250,10 @@ class Steps:
 
     def leave_drain(self, wf: Workflow, node: Node) -> Optional[Workflow]:
         """Move to the first effect step (the pass has checked the limits); the reboot
-        itself is issued at once, a provider step is returned for a worker."""
+        itself is issued at once, a provider step is returned for a worker. An admission
+        has no effect: straight to the checks."""
+        if wf.action == ADMIT:
+            return self.to(wf, Step.VERIFY, {"verify_attempts": 0})
         action = NodeAction(wf.action)
         if action is NodeAction.REPLACE and not self.provider.can_replace:
             self.give_up(wf, node, f"replacement needed but provider {self.provider.name!r} cannot replace")
@@ -468,6 +478,8 @@ class Steps:
         if node.is_drained or node.is_down:
             self.gateway.set_state(node.name, NodeState.RESUME)
         self._drop_reservation(node.name)
+        if wf.action == ADMIT:
+            self.journal.admit([node.name])
         self.finish(wf, "done", "back in service", {"in_service_at": self.clock()})
 
     # --------------------------------------------------------------- helpers
@@ -491,6 +503,22 @@ class Steps:
             log.info("controller.workflow_finished", node=wf.node, workflow=wf.id, status=status, detail=detail,
                      seconds=round(done.finished_at - done.detected_at, 1) if done.finished_at else None)
 
+    def hold(self, node: Node, now: float) -> Optional[Workflow]:
+        """Open an admission for a node that never passed a deep check: drained with a reason
+        of ours (the gave-up form, so neither the agent nor the controller acts on it), jobs
+        that already landed on it finish."""
+        wf = self.journal.open_workflow(node.name, ADMIT, "new node: held until a deep check passes", Step.DRAIN.value,
+                                        now, {"step_at": now})
+        reason = f"{GAVE_UP_PREFIX} held until a deep check passes: new node (workflow {wf.id}; was: none)"
+        current = self.gateway.node(node.name)
+        if current.reason_owner is not ReasonOwner.NONE:   # someone's reason arrived meanwhile: theirs
+            self.finish(wf, "abandoned", f"reason {current.reason!r} set before the hold")
+            return None
+        self.gateway.set_state(node.name, NodeState.DRAIN, reason)
+        held = self.gateway.node(node.name)
+        log.info("controller.hold_new_node", node=node.name, workflow=wf.id)
+        return self.journal.note(wf.id, wf.step, {"hold_reason": reason, **self._seen(held)})
+
     def give_up(self, wf: Workflow, node: Node, why: str) -> None:
         """Leave the node out of service with a reason a human will read."""
         log.error("controller.gave_up", node=node.name, workflow=wf.id, why=why)
@@ -503,7 +531,8 @@ class Steps:
         node is re-read first (defect 5). Returns the node as read after the write, or
         None when it was left alone."""
         current = self.gateway.node(node.name)
-        if current.reason_owner not in (ReasonOwner.NONE, ReasonOwner.ACTION, ReasonOwner.SLURM):
+        held = current.reason is not None and current.reason == wf.data.get("hold_reason")   # our admission's
+        if not held and current.reason_owner not in (ReasonOwner.NONE, ReasonOwner.ACTION, ReasonOwner.SLURM):
             log.warning("controller.write_skipped", node=node.name, workflow=wf.id, reason=current.reason,
                         detail="someone else's reason is on the node")
             return None

@@ -14,6 +14,7 @@ hpr_apt_install() {
     command -v scontrol >/dev/null || missing+=(slurm-client)
     [ -x /usr/sbin/munged ] || command -v munged >/dev/null || missing+=(munge)
     command -v unshare >/dev/null || missing+=(util-linux)
+    command -v stress-ng >/dev/null || missing+=(stress-ng)   # the cpu_memory deep check (issue 10)
     command -v python3 >/dev/null || missing+=(python3)
     python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
     [ ${#missing[@]} -eq 0 ] && return 0

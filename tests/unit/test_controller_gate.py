@@ -101,3 +101,65 @@ def test_the_gate_can_be_turned_off_per_remedy(tmp_path):
     [wf] = cluster.workflows("n1")
     assert wf.status == "done" and wf.data["deepcheck"] == "off"
     assert len(cluster.model.steps_run) == 1 and gate_runs(cluster, "n1") == []   # the check ran, the gate not
+
+
+# ------------------------------------------------------------------ holding new nodes
+@pytest.fixture
+def holding(tmp_path) -> Cluster:
+    cluster = Cluster.build(tmp_path)
+    cluster.config.deepcheck.hold_new_nodes = True
+    return cluster
+
+
+def test_nodes_present_when_holding_starts_stay_in_service(holding):
+    holding.run_pass()
+    assert holding.journal.admitted() == {"n1", "n2", "n3", "n4"}      # the baseline was taken
+    assert holding.workflows() == [] and all(holding.gateway.node(n).available for n in ("n1", "n4"))
+
+
+def test_a_new_node_is_held_until_its_deepcheck_passes(holding):
+    holding.run_pass()
+    holding.model.add_nodes("n5")
+    holding.run_pass()
+    held = holding.gateway.node("n5")
+    assert not held.available and held.is_drained and "held until a deep check passes" in held.reason
+    assert held.reason_owner.value == "gave_up"        # ours, never acted on by agent or controller
+    holding.settle()
+    [wf] = holding.workflows("n5")
+    assert (wf.action, wf.status) == ("admit", "done")
+    assert gate_runs(holding, "n5") == ["full"] and holding.reboots("n5") == 0
+    assert holding.gateway.node("n5").available and "n5" in holding.journal.admitted()
+    holding.run_pass()
+    assert len(holding.workflows("n5")) == 1                                        # admitted once
+
+
+def test_a_new_node_failing_its_deepcheck_is_given_to_a_human_not_replaced(holding):
+    holding.run_pass()
+    holding.model.add_nodes("n5")
+    holding.model.deepcheck = lambda node, level: deepcheck_result(node, level, failed=["gpu_burn"])
+    holding.settle()
+    [wf] = holding.workflows("n5")
+    assert (wf.action, wf.status) == ("admit", "failed") and holding.power_downs("n5") == 0
+    node = holding.gateway.node("n5")
+    assert not node.available and "deep check failed: gpu_burn" in node.reason
+    assert "n5" not in holding.journal.admitted()
+
+
+def test_a_removed_and_readded_node_is_new_again(holding):
+    holding.run_pass()
+    holding.model.remove_nodes("n4")
+    holding.run_pass()
+    assert "n4" not in holding.journal.admitted()
+    holding.model.add_nodes("n4")
+    holding.run_pass()
+    [wf] = holding.workflows("n4")
+    assert wf.action == "admit"
+
+
+def test_an_admins_reason_on_a_new_node_is_left_alone(holding):
+    holding.run_pass()
+    holding.model.add_nodes("n5")
+    holding.admin_sets("n5", "burn-in by vendor")
+    holding.run_pass()
+    assert holding.workflows("n5") == [] and holding.gateway.node("n5").reason == "burn-in by vendor"
+    assert len(holding.workflows()) == 0 and holding.journal.admitted() == {"n1", "n2", "n3", "n4"}

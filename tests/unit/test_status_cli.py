@@ -85,7 +85,9 @@ def populate(config, clock):
     j.clock = clock
     wf = j.open_workflow("n4", "replace", "Action: Replace; XID 74 NVLink error", "wait_jobs", detected_at=clock() - 60)
     j.advance(wf.id, "wait_jobs", "replacing", {"spare": "n99"})
-    j.advance(wf.id, "replacing", "in_service", status="done")
+    gate = {"level": "full", "status": "fail", "checks": {"dcgm": "fail"}, "failed": ["dcgm: memory failed on GPU 3"]}
+    j.record("n4", "deepcheck", gate, wf.id)
+    j.advance(wf.id, "replacing", "in_service", {"deepcheck": gate}, status="done")
     j.open_workflow("n3", "reboot", "Action: Reboot; XID 79 GPU fell off the bus", "wait_jobs", detected_at=clock())
     wf7 = j.open_workflow("n7", "reboot", "Action: Reboot; XID 48", "wait_jobs", detected_at=clock())
     j.advance(wf7.id, "wait_jobs", "verifying")
@@ -100,13 +102,14 @@ def test_status_table_lists_out_of_service_and_workflow_nodes_only(cluster):
     result = run("status", "--config", str(config))
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].split() == ["NODE", "STATE", "STEP", "ACTION", "SINCE", "REASON"]
+    assert lines[0].split() == ["NODE", "STATE", "STEP", "ACTION", "SINCE", "DEEPCHECK", "REASON"]
     listed = [line.split()[0] for line in lines[1:-2]]
     assert listed == ["n3", "n4", "n5", "n6", "n7", "n8", "n9"]   # n1, n2: in service, no workflow
     row = {line.split()[0]: line for line in lines[1:-2]}
-    assert re.match(r"n3\s+MIXED\+DRAIN\s+wait_jobs\s+reboot\s+3m1\ds\s+Action: Reboot; XID 79 GPU fell off the bus$",
-                    row["n3"])
-    assert re.match(r"n4\s+IDLE\+FAIL\s+-\s+-\s+-\s+Action: Replace", row["n4"])   # its workflow is done
+    assert re.match(r"n3\s+MIXED\+DRAIN\s+wait_jobs\s+reboot\s+3m1\ds\s+-\s+"
+                    r"Action: Reboot; XID 79 GPU fell off the bus$", row["n3"])
+    # its workflow is done; its last deep check (issue 10) shows
+    assert re.match(r"n4\s+IDLE\+FAIL\s+-\s+-\s+-\s+fail full 3m1\ds ago: dcgm\s+Action: Replace", row["n4"])
     assert re.match(r"n7\s+IDLE\s+verifying\s+reboot\s+3m1\ds", row["n7"])
     assert re.match(r"n9\s+\(not in Slurm\)\s+replacing\s+replace", row["n9"])
     assert lines[-2] == ("8 nodes: 2 idle, 1 allocated, 0 mixed; 2 drained, 1 failed, 1 down, "
@@ -207,11 +210,12 @@ def test_history_table_and_filters(cluster):
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].split() == ["ID", "NODE", "ACTION", "STATUS", "STEP", "DETECTED", "FINISHED", "TO_SERVICE",
-                                "REASON"]
+                                "DEEPCHECK", "REASON"]
     assert [line.split()[1] for line in lines[1:]] == ["n4", "n3", "n7", "n9", "n5"]   # newest last
-    assert re.search(r"n4\s+replace\s+done\s+in_service\s+\S+ \S+\s+\S+ \S+\s+1m00s\s+Action: Replace", lines[1])
-    assert re.search(r"n5\s+power_cycle\s+done\s+in_service\s+.*\s+40s\s+Not responding$", lines[5])
-    assert re.search(r"n3\s+reboot\s+active\s+wait_jobs\s+\S+ \S+\s+-\s+-\s+Action: Reboot", lines[2])
+    assert re.search(r"n4\s+replace\s+done\s+in_service\s+\S+ \S+\s+\S+ \S+\s+1m00s\s+fail full: dcgm\s+"
+                     r"Action: Replace", lines[1])
+    assert re.search(r"n5\s+power_cycle\s+done\s+in_service\s+.*\s+40s\s+-\s+Not responding$", lines[5])
+    assert re.search(r"n3\s+reboot\s+active\s+wait_jobs\s+\S+ \S+\s+-\s+-\s+-\s+Action: Reboot", lines[2])
 
     result = run("history", "--config", str(config), "--node", "n3")
     assert [line.split()[1] for line in result.output.splitlines()[1:]] == ["n3"]
@@ -236,15 +240,16 @@ def test_history_json_has_events_with_times(cluster):
     assert result.exit_code == 0, result.output
     (wf,) = json.loads(result.output)
     assert wf["node"] == "n4" and wf["status"] == "done" and wf["action"] == "replace"
-    assert wf["time_to_service_seconds"] == pytest.approx(60) and wf["data"] == {"spare": "n99"}
+    assert wf["time_to_service_seconds"] == pytest.approx(60) and wf["data"]["spare"] == "n99"
+    assert wf["data"]["deepcheck"]["failed"] == ["dcgm: memory failed on GPU 3"]
     assert wf["detected_at"] == pytest.approx(now - 160) and wf["finished_at"] == pytest.approx(now - 100)
     assert dt.datetime.fromisoformat(wf["finished_at_iso"]).timestamp() == pytest.approx(now - 100, abs=1)
-    assert [e["kind"] for e in wf["events"]] == ["started", "step", "step"]
+    assert [e["kind"] for e in wf["events"]] == ["started", "step", "deepcheck", "step"]
     assert wf["events"][1]["detail"]["to"] == "replacing" and wf["events"][1]["at"] == pytest.approx(now - 100)
     assert wf["events"][1]["at_iso"]
     everything = json.loads(run("history", "--config", str(config), "--json").output)
     assert [w["node"] for w in everything] == ["n4", "n3", "n7", "n9"]
-    assert [len(w["events"]) for w in everything] == [3, 1, 2, 1]
+    assert [len(w["events"]) for w in everything] == [4, 1, 2, 1]
 
 
 @pytest.mark.parametrize("value", ["yesterday", "2h30", "-1h", "2026-13-01", "5y"])
