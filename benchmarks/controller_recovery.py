@@ -65,8 +65,10 @@ def one_run(cluster: BenchCluster, node: str, action: str) -> Dict[str, float]:
         raise RuntimeError(f"workflow {wf.id} on {node} ended {wf.status}: {wf.data.get('outcome')}")
     first = "reboot" if action == "Reboot" else "replace"
     waited = "await_boot" if action == "Reboot" else "await_node"
+    checked = steps.get("deepcheck", steps["release"])   # the deep-check gate (issue 10), when on
     return {"total": end - start, "pickup": wf.created_at - start, "effect": steps[waited] - wf.created_at,
-            "boot_seen": steps["verify"] - steps[waited], "verify": steps["release"] - steps["verify"],
+            "boot_seen": steps["verify"] - steps[waited], "verify": checked - steps["verify"],
+            "deepcheck": steps["release"] - checked,
             "release": steps["done"] - steps["release"], "observed_after_done": end - steps["done"],
             "first_step": steps[first] - wf.created_at}
 
@@ -79,9 +81,14 @@ def no_refault_escalation(cluster: BenchCluster) -> None:
     """Runs repeat on the same nodes within minutes: as configured by testcluster, the
     controller would (rightly) turn a second `Action: Reboot` within refault_window_seconds
     into a replacement. Measure plain reboots: window 0, applied by SIGHUP (a reload)."""
+    reconfigure(cluster, "[workflow]\n", "[workflow]\nrefault_window_seconds = 0\n")
+
+
+def reconfigure(cluster: BenchCluster, old: str, new: str) -> None:
+    """Edit the controller's configuration (the first `old` becomes `new`) and reload it by SIGHUP."""
     config = cluster.dir / "controller.toml"
     text = config.read_text()
-    config.write_text(text.replace("[workflow]\n", "[workflow]\nrefault_window_seconds = 0\n", 1))
+    config.write_text(text.replace(old, new, 1))
     log = cluster.dir / "controller.log"
     seen = log.read_text().count('"controller.reloaded"')
     os.kill(int((cluster.dir / "controller.pid").read_text()), signal.SIGHUP)
@@ -104,10 +111,10 @@ def measure(cluster: BenchCluster, runs: int) -> Dict[str, object]:
             print(f"{action:7} {node}: total {sample['total']:.2f}s  (pickup {sample['pickup']:.2f}, "
                   f"{'reboot' if action == 'Reboot' else 'replace'}→new boot seen "
                   f"{sample['effect'] + sample['boot_seen']:.2f}, verify {sample['verify']:.2f}, "
-                  f"release {sample['release']:.2f})", flush=True)
+                  f"deepcheck {sample['deepcheck']:.2f}, release {sample['release']:.2f})", flush=True)
         totals = summary([s["total"] for s in samples])
         parts = {k: round(sum(s[k] for s in samples) / len(samples), 3) for k in samples[0]}
-        print(f"{action}: {fmt_s(totals)}")
+        print(f"{action}: {fmt_s(totals)}", flush=True)
         print(f"{action}: mean breakdown {json.dumps(parts)}")
         results[action] = {"total": totals, "mean_breakdown": parts}
     return results

@@ -1,12 +1,20 @@
 """scripts/testcluster itself: the ground every other integration test stands on."""
 import datetime as dt
+import json
 import os
 import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
-from .conftest import PORT_BASE, REPO, TESTCLUSTER, own_processes, wait_until
+from .conftest import PORT_BASE, REPO, TESTCLUSTER, LiveCluster, own_processes, wait_until
+
+DEEP_CHECKS = REPO / "tests" / "fixtures" / "deep-checks"
+DCGMI_PASS = DEEP_CHECKS / "dcgmi-diag-r2-pass.json"
+DCGMI_FAIL = DEEP_CHECKS / "dcgmi-diag-dcgm4-r1-fail-persistence.json"
+# A fixed amount of CPU work that times itself, so srun's and Python's start-up are left out.
+CPU_WORK = "import time; t = time.perf_counter(); sum(range(3 * 10**6)); print(time.perf_counter() - t)"
 
 
 def test_up_gives_idle_nodes_fast(cluster, gateway):
@@ -157,3 +165,139 @@ def test_extra_nodes_are_configured_but_never_register(tmp_path):
     finally:
         subprocess.run([str(TESTCLUSTER), "--dir", str(directory), "down"], capture_output=True, timeout=120)
     assert not own_processes(directory)
+
+
+def cpu_work_seconds(cluster: LiveCluster, node: str, via: str) -> float:
+    """Wall seconds of CPU_WORK on `node`, run by a job step (srun) or `testcluster exec`."""
+    if via == "srun":
+        out = cluster.slurm("srun", "-N1", "-w", node, "python3", "-c", CPU_WORK)
+    else:
+        out = cluster.tc("exec", node, "--", "python3", "-c", CPU_WORK).stdout
+    return float(out.strip())
+
+
+def node_status(cluster: LiveCluster, node: str) -> str:
+    return next(line for line in cluster.tc("status", check=False).stdout.splitlines()
+                if line.startswith(f"slurmd {node} "))
+
+
+def test_degrade_caps_a_nodes_cpu(tc):
+    """Issue 10: `degrade n3 --cpu 10` makes n3 slow for job steps and `exec` alike, n1 stays
+    fast; `--cpu 100` gives n3 its speed back and removes the cgroup. Compared side by side as
+    a ratio (10% of a CPU should make the work about 10x slower; 2x is the bar)."""
+    try:
+        out = tc.tc("degrade", "n3", "--cpu", "10").stdout
+        assert "n3 capped at 10% of one CPU" in out
+        cgroup = Path(json.loads((tc.dir / "nodes" / "n3" / "degrade.json").read_text())["cgroup"])
+        assert cgroup.name.endswith("-n3") and "degraded: cpu 10%" in node_status(tc, "n3")
+        fast = cpu_work_seconds(tc, "n1", "srun")
+        slow = cpu_work_seconds(tc, "n3", "srun")
+        slow_exec = cpu_work_seconds(tc, "n3", "exec")
+        print(f"n1 {fast:.3f}s, n3 at 10%: srun {slow:.3f}s, exec {slow_exec:.3f}s")
+        assert slow > 2 * fast and slow_exec > 2 * fast
+        tc.tc("degrade", "n3", "--cpu", "100")
+        restored = cpu_work_seconds(tc, "n3", "srun")
+        print(f"n3 after --cpu 100: {restored:.3f}s")
+        assert slow > 2 * restored
+        assert not cgroup.exists() and "degraded" not in node_status(tc, "n3")
+    finally:
+        tc.tc("degrade", "n3", "--cpu", "100")
+
+
+def test_degrade_rejects_a_bad_percent(cluster):
+    proc = cluster.tc("degrade", "n3", "--cpu", "0", check=False)
+    assert proc.returncode == 1 and "--cpu must be 1..100" in proc.stderr
+
+
+def run_dcgmi(cluster: LiveCluster, node: str, *args: str, via: str = "srun") -> subprocess.CompletedProcess:
+    """The node's `dcgmi` as a deep check finds it: first on PATH (`testcluster env`) for a job
+    step, on the node's own PATH for `exec`."""
+    if via == "srun":
+        env = dict(os.environ, PATH=f"{cluster.dir / 'path'}:{os.environ['PATH']}")
+        argv = ["srun", "-N1", "-w", node, "dcgmi", *args]
+    else:
+        env, argv = None, [str(TESTCLUSTER), "--dir", str(cluster.dir), "exec", node, "--", "dcgmi", *args]
+    return subprocess.run(argv, env=env, capture_output=True, timeout=60)
+
+
+def test_fake_dcgmi_replays_the_output_chosen_per_node(tc):
+    """Issue 10: each node's dcgmi prints its chosen capture byte for byte and exits with its
+    status (226 is what the GB10 captures exited with); the others keep the passing default."""
+    try:
+        tc.tc("dcgmi", "n2", "--replay", str(DCGMI_FAIL), "--exit", "226")
+        failing = run_dcgmi(tc, "n2", "diag", "-r", "1", "-j")
+        assert failing.stdout == DCGMI_FAIL.read_bytes() and failing.returncode == 226
+        on_exec = run_dcgmi(tc, "n2", "diag", "-r", "1", "-j", "--fail-early", via="exec")
+        assert on_exec.stdout == DCGMI_FAIL.read_bytes() and on_exec.returncode == 226
+        passing = run_dcgmi(tc, "n1", "diag", "-r", "2", "-j")
+        assert passing.stdout == DCGMI_PASS.read_bytes() and passing.returncode == 0
+        tc.tc("dcgmi", "n2", "--reset")
+        reset = run_dcgmi(tc, "n2", "diag", "-r", "2", "-j")
+        assert reset.stdout == DCGMI_PASS.read_bytes() and reset.returncode == 0
+    finally:
+        tc.tc("dcgmi", "n2", "--reset")
+
+
+def test_fake_dcgmi_refuses_what_it_cannot_replay(cluster):
+    unknown = run_dcgmi(cluster, "n1", "stats", via="exec")
+    assert unknown.returncode == 1 and unknown.stdout == b"" and b"unknown command 'stats'" in unknown.stderr
+    no_json = run_dcgmi(cluster, "n1", "diag", "-r", "2", via="exec")
+    assert no_json.returncode == 1 and b"(-j)" in no_json.stderr
+
+
+def test_fake_dcgmi_hangs(tc):
+    """`--hang`: the fake never prints (a hung tool, for deep-check timeouts). It execs its
+    sleep, so the caller's own process is what hangs and what its timeout kills."""
+    try:
+        tc.tc("dcgmi", "n4", "--hang")
+        argv = [str(TESTCLUSTER), "--dir", str(tc.dir), "exec", "n4", "--", "dcgmi", "diag", "-r", "2", "-j"]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            wait_until(lambda: Path(f"/proc/{proc.pid}/cmdline").read_bytes() == b"sleep\0infinity\0", 30,
+                       "the fake dcgmi to reach its hang")
+            assert proc.poll() is None
+        finally:
+            proc.kill()
+        out, err = proc.communicate(timeout=30)
+        assert out == b"" and err == b""
+    finally:
+        tc.tc("dcgmi", "n4", "--reset")
+    assert run_dcgmi(tc, "n4", "diag", "-r", "2", "-j", via="exec").returncode == 0
+
+
+def test_a_restart_keeps_a_nodes_faults_and_replace_clears_them(tc):
+    """Issue 10: a slow CPU and a failing DCGM diagnostic belong to the node's hardware. Killed
+    and started again (the emulated reboot starts slurmd the same way), the new slurmd is back
+    in the node's cgroup and dcgmi still fails; `replace` (new, healthy hardware) clears both."""
+    node_dir = tc.dir / "nodes" / "n2"
+    try:
+        tc.tc("degrade", "n2", "--cpu", "50")
+        tc.tc("dcgmi", "n2", "--replay", str(DCGMI_FAIL), "--exit", "226")
+        cgroup = Path(json.loads((node_dir / "degrade.json").read_text())["cgroup"])
+        tc.tc("kill", "n2")
+        tc.tc("start", "n2")
+        slurmd = int((node_dir / "slurmd.pid").read_text())
+        assert slurmd in {int(pid) for pid in (cgroup / "cgroup.procs").read_text().split()}
+        assert run_dcgmi(tc, "n2", "diag", "-r", "1", "-j", via="exec").returncode == 226
+        tc.tc("replace", "n2")
+        assert not cgroup.exists() and not (node_dir / "degrade.json").exists()
+        assert "degraded" not in node_status(tc, "n2")
+        after = run_dcgmi(tc, "n2", "diag", "-r", "2", "-j", via="exec")
+        assert after.stdout == DCGMI_PASS.read_bytes() and after.returncode == 0
+    finally:
+        tc.tc("degrade", "n2", "--cpu", "100")
+        tc.tc("dcgmi", "n2", "--reset")
+
+
+def test_down_removes_the_cpu_caps(tmp_path):
+    """Issue 10: `down` leaves no cgroup behind (one per degraded node, named after the cluster)."""
+    cluster = LiveCluster(tmp_path / "degraded", ["n1"])
+    try:
+        cluster.tc("up", "--nodes", "1", "--port-base", str(PORT_BASE + 300))
+        cluster.tc("degrade", "n1", "--cpu", "30")
+        cgroup = Path(json.loads((cluster.dir / "nodes" / "n1" / "degrade.json").read_text())["cgroup"])
+        assert int((cluster.dir / "nodes" / "n1" / "slurmd.pid").read_text()) in {
+            int(pid) for pid in (cgroup / "cgroup.procs").read_text().split()}
+    finally:
+        cluster.tc("down", check=False)
+    assert not cgroup.exists() and not own_processes(cluster.dir)

@@ -24,7 +24,7 @@ def documented_keys() -> dict:
     keys: dict = {}
     section = None
     for line in toml.splitlines():
-        header = re.match(r"\[([a-z_]+)(?:\.([a-z_]+)(?:\.\w+)?)?\]", line)
+        header = re.match(r"\[\[?([a-z_]+)(?:\.([a-z_]+)(?:\.\w+)?)?\]", line)   # [[...]]: an array of tables
         if header:
             section = header.group(1)
             if header.group(2):  # [policy.thresholds.CODE] documents the table key "thresholds"
