@@ -5,5 +5,7 @@ from typing import Dict
 
 from ..check import Check
 from .disk import DiskCheck
+from .gpu_burn import GpuBurnCheck
+from .gpu_count import GpuCountCheck
 
-CHECKS: Dict[str, Check] = {c.name: c for c in (DiskCheck(),)}
+CHECKS: Dict[str, Check] = {c.name: c for c in (GpuCountCheck(), GpuBurnCheck(), DiskCheck())}
