@@ -30,6 +30,14 @@ class ToolOutput:
     stderr: str
     seconds: float
 
+    def first_line(self) -> str:
+        """The first non-blank line of stderr, else of stdout: what a tool said when it failed."""
+        for text in (self.stderr, self.stdout):
+            for line in text.splitlines():
+                if line.strip():
+                    return line.strip()
+        return "(no output)"
+
 
 def find_tool(name: str, env: Optional[Mapping[str, str]] = None) -> str:
     """The tool's path, or Skip naming it."""
@@ -59,13 +67,13 @@ def run_tool(argv: Sequence[str], timeout: float, env: Optional[Mapping[str, str
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
+        kill_group(proc)
         raise CouldNotRun(f"{name} did not finish within {timeout:g}s (killed)") from None
     return ToolOutput(argv=list(argv), returncode=proc.returncode, stdout=out, stderr=err,
                       seconds=time.monotonic() - began)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
