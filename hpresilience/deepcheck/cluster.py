@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +33,7 @@ from ..slurm.hostlist import expand, fold
 from .check import CouldNotRun, Skip
 from .cluster_config import ClusterCheckConfig
 from .config import DeepCheckConfig
-from .localise import Criteria, Grade, Group, Localisation, Measurement, MeasureRound, Outcome, Test, localise
+from .localise import Criteria, Grade, Group, Localisation, Measurement, MeasureRound, Outcome, Trial, localise
 from .parsers import ParseError
 from .parsers.nccl import parse_all_reduce_perf
 from .result import CheckResult, Level, Status, SuiteReport
@@ -162,7 +161,7 @@ def describe_measurement(m: Measurement) -> str:
     return f"{'failed' if m.outcome is Outcome.FAILED else 'could not run'}: {m.detail}"
 
 
-def _last_test(found: Localisation, node: str) -> Optional[Test]:
+def _last_trial(found: Localisation, node: str) -> Optional[Trial]:
     tests = [t for r in found.rounds for t in r.tests if node in t.group]
     return tests[-1] if tests else None
 
@@ -170,7 +169,7 @@ def _last_test(found: Localisation, node: str) -> Optional[Test]:
 def _about(found: Localisation, nodes: Sequence[str]) -> str:
     parts = []
     for node in nodes:
-        test = _last_test(found, node)
+        test = _last_trial(found, node)
         if test is None:
             parts.append(f"{node}: never tested (round limit)")
         else:
@@ -179,7 +178,7 @@ def _about(found: Localisation, nodes: Sequence[str]) -> str:
     return "; ".join(parts)
 
 
-def verdict(nodes: Sequence[str], group: Optional[Test], found: Optional[Localisation],
+def verdict(nodes: Sequence[str], group: Optional[Trial], found: Optional[Localisation],
             criteria: Criteria) -> Tuple[Status, str]:
     """Pure: the check's status and summary from the group test and the search."""
     if found is not None and found.culprits:
@@ -203,13 +202,14 @@ def evaluate(nodes: Sequence[str], cfg: ClusterCheckConfig,
     """The group test, then the search when it is needed; the result and the culprits."""
     began = time.monotonic()
     criteria = Criteria(cfg.min_busbw_gbps, cfg.min_relative)
-    group: Optional[Test] = None
+    group: Optional[Trial] = None
     if cfg.group_test:
         whole = tuple(nodes)
         measured = measure_round([whole])[0]
-        group = Test(whole, measured, criteria.grade(measured))
+        group = Trial(whole, measured, criteria.grade(measured))
     found: Optional[Localisation] = None
-    if group is None or group.grade is not Grade.GOOD or cfg.min_relative > 0:
+    # Two nodes: the group is the only pair, and nobody is left to compare it with.
+    if group is None or (len(nodes) > 2 and (group.grade is not Grade.GOOD or cfg.min_relative > 0)):
         found = localise(nodes, measure_round, criteria, cfg.max_rounds)
     status, summary = verdict(nodes, group, found, criteria)
     evidence: Dict[str, Any] = {"tool": "all_reduce_perf" if cfg.nccl_tests else "allreduce_worker",
@@ -246,7 +246,7 @@ def run_cluster_check(config: DeepCheckConfig, nodelist: str, level: Level, gate
     nodes: Tuple[str, ...] = ()
 
     def report(result: CheckResult, culprits: Tuple[str, ...] = ()) -> SuiteReport:
-        return SuiteReport(node=fold(nodes) if nodes else nodelist or socket.gethostname(), level=level,
+        return SuiteReport(node=fold(nodes) if nodes else nodelist, level=level,
                            results=(result,), started_at=started, duration_seconds=time.monotonic() - began,
                            nodes=nodes or (nodelist,), culprits=culprits)
 

@@ -101,7 +101,7 @@ class Criteria:
 
 
 @dataclass(frozen=True)
-class Test:
+class Trial:
     group: Group
     measurement: Measurement
     grade: Grade
@@ -113,7 +113,7 @@ class Test:
 @dataclass(frozen=True)
 class Round:
     purpose: str          # "pairs", "re-pair with known-good", "new pairs"
-    tests: Tuple[Test, ...]
+    tests: Tuple[Trial, ...]
     reference_gbps: Optional[float]   # the best pair so far, what min_relative compared with
 
     def to_dict(self) -> Dict[str, Any]:
@@ -151,7 +151,7 @@ class _Search:
         self.rounds: List[Round] = []
         self.best: Optional[float] = None
 
-    def run_round(self, purpose: str, groups: List[Group]) -> List[Test]:
+    def run_round(self, purpose: str, groups: List[Group]) -> List[Trial]:
         measurements = list(self.measure(groups))
         if len(measurements) != len(groups):
             raise ValueError(f"measure returned {len(measurements)} results for {len(groups)} groups")
@@ -160,7 +160,7 @@ class _Search:
             if m.outcome is Outcome.OK and m.busbw_gbps is not None:
                 self.best = m.busbw_gbps if self.best is None else max(self.best, m.busbw_gbps)
         reference = self.best if self.criteria.min_relative > 0 else None
-        tests = [Test(g, m, self.criteria.grade(m, reference)) for g, m in zip(groups, measurements)]
+        tests = [Trial(g, m, self.criteria.grade(m, reference)) for g, m in zip(groups, measurements)]
         self.rounds.append(Round(purpose, tuple(tests), reference))
         return tests
 
@@ -191,7 +191,7 @@ class _Search:
     def repair_round(self) -> None:
         """Each pending node with a distinct known-good partner: the test speaks about the node alone."""
         tested = self.pending[: len(self.good)]
-        groups = [(node, partner) for node, partner in zip(tested, self.good)]
+        groups: List[Group] = list(zip(tested, self.good))
         for (node, _), test in zip(groups, self.run_round("re-pair with known-good", groups)):
             self.pending.remove(node)
             if test.grade is Grade.GOOD:

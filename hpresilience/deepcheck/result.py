@@ -108,4 +108,4 @@ class SuiteReport:
 def describe(result: CheckResult, width: Optional[int] = None) -> str:
     """One line a human (or a Slurm reason) can carry: "dcgm: memory failed on GPU 3"."""
     text = f"{result.name}: {result.summary}"
-    return text if width is None or len(text) <= width else text[: width - 1] + "…"
+    return text if width is None or len(text) <= width else text[: width - 3] + "..."

@@ -50,6 +50,10 @@ class ControllerProc:
                          "unresponsive_grace_seconds": 3},
             "verify": {"command": [str(HPRESILIENCE), "check", "--config", f"{c.dir}/nodes/{{node}}/agent.toml"],
                        "timeout_seconds": 30},
+            # The deep-check gate (issue 10) with the node's own agent.toml, inside the node (`exec`: its
+            # fake GPUs and fake dcgmi, as on a real node), as `testcluster up --controller` configures it.
+            "deepcheck": {"command": [*tc, "exec", "{node}", "--", str(HPRESILIENCE), "deepcheck", "--json", "--level",
+                                      "{level}", "--config", f"{c.dir}/nodes/{{node}}/agent.toml"]},
             "provider": {"type": "command", "replace": [*tc, "replace", "{node}"],
                          "power_cycle": [*tc, "_power_cycle", "{node}"], "timeout_seconds": 60, "attempts": 2,
                          "retry_delay_seconds": 0.5},
@@ -157,7 +161,7 @@ def test_admin_reboot_ends_rebooted_idle_and_clear(cl, ctl):
     assert count_lines(cl.dir / "nodes" / "n2" / "reboots.log") == reboots + 1
     assert gw.reservation("hpr_verify_n2") is None
     steps = [e.detail["to"] for e in c.journal().events(workflow_id=wf.id) if e.kind == "step"]
-    assert steps == ["reboot", "await_boot", "verify", "release", "done"]
+    assert steps == ["reboot", "await_boot", "verify", "deepcheck", "release", "done"]   # the gate: issue 10
     assert wf.data["verify_output"] is not None and wf.time_to_service < 30
 
 
