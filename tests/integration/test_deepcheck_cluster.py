@@ -17,7 +17,7 @@ from typing import Any, Dict, Tuple
 
 import pytest
 
-from .conftest import LiveCluster
+from .conftest import LiveCluster, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -69,3 +69,24 @@ def test_the_all_reduce_check_names_the_degraded_node_and_only_it(tc: LiveCluste
     assert pair_grades(degraded) == [[(["n1", "n2"], "good"), (["n3", "n4"], "bad")],
                                   [(["n3", "n1"], "bad"), (["n4", "n2"], "good")]]
     assert check["evidence"]["cleared"] == ["n1", "n2", "n4"] and check["summary"].startswith("culprit(s) n3: ")
+
+
+def node_deepcheck(tc: LiveCluster, node: str) -> subprocess.CompletedProcess:
+    """The quick disk check on `node`, run inside it as the controller's gate runs it."""
+    return tc.tc("exec", node, "--", str(HPRESILIENCE), "deepcheck", "--only", "disk", "--level", "quick",
+                 "--config", str(tc.dir / "nodes" / node / "agent.toml"), check=False)
+
+
+def test_a_deep_check_never_runs_on_a_node_carrying_jobs(tc: LiveCluster):
+    """Issue 10: a deep check never runs on a node carrying jobs (it would disturb them); Slurm
+    says which jobs run there. The same command on an idle node runs (it is not simply broken)."""
+    idle = node_deepcheck(tc, "n1")
+    assert idle.returncode == 0 and "PASS  disk" in idle.stdout, idle.stdout + idle.stderr
+    job = tc.sbatch("-w", "n2", "-N1", "--wrap", "sleep 300")
+    try:
+        wait_until(lambda: "RUNNING" in tc.slurm("squeue", "-h", "-j", str(job), "-o", "%T"), 30, "the job running")
+        busy = node_deepcheck(tc, "n2")
+        assert busy.returncode == 2, busy.stdout + busy.stderr
+        assert f"n2 runs job(s) {job}" in busy.stderr and "disk" not in busy.stdout
+    finally:
+        tc.slurm("scancel", str(job))
