@@ -5,14 +5,21 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import click
 
 from .agent_cmds import _load, config_option
 
+if TYPE_CHECKING:
+    from ..agent.config import AgentConfig
+    from ..deepcheck.suite import NodeFacts
 
-def node_facts(config, no_slurm: bool):
+# Outcomes of --apply after which the node is out of service with our reason.
+APPLIED = ("applied", "already")
+
+
+def node_facts(config: AgentConfig, no_slurm: bool) -> NodeFacts:
     """This node as Slurm sees it: partitions and features choose the parameters, jobs
     forbid the run. Without Slurm's answer the suite does not run (unless --no-slurm):
     we cannot tell whether jobs would be disturbed."""
@@ -23,7 +30,10 @@ def node_facts(config, no_slurm: bool):
     expected = config.nvml.expected_gpus
     if no_slurm:
         return NodeFacts(name=name, gpu_count=expected)
-    node = agent_gateway().node(name, with_jobs=True)
+    # In a prolog or epilog the node is this job's: no need to list every job of the cluster from
+    # every node at every job start (issue 10 review: slurmctld load).
+    in_job_script = os.environ.get("SLURM_SCRIPT_CONTEXT", "") in ("prolog_slurmd", "epilog_slurmd")
+    node = agent_gateway().node(name, with_jobs=not in_job_script)
     own = os.environ.get("SLURM_JOB_ID")  # a prolog/epilog or an srun in our reservation: its own job
     jobs = tuple(j for j in node.jobs if str(j) != own)
     return NodeFacts(name=name, partitions=node.partitions, features=node.features,
@@ -87,6 +97,10 @@ def deepcheck(config_path: Optional[Path], level: str, only: Tuple[str, ...], as
             sys.exit(EXIT_NOT_RUN)
         if outcome is not None:
             click.echo(f"action: {outcome}", err=True)
+            if outcome not in APPLIED:
+                # Not applied (budget spent, dry run, someone else's reason): exit 1 would make a prolog
+                # hold the job and Slurm drain the node itself, around our safeguards (issue 10 review).
+                sys.exit(EXIT_NOT_RUN)
     sys.exit(report.exit_code)
 
 

@@ -158,7 +158,7 @@ class GateConfig:
     new_node_level: str = "full"
 
     def level_after(self, action: str) -> Optional[str]:
-        """The level the gate runs after `action` (a NodeAction value), None when off."""
+        """The level the gate runs after `action` (a NodeAction value, or "admit"), None when off."""
         level = {"reboot": self.after_reboot, "power_cycle": self.after_power_cycle,
                  "replace": self.after_replace, "admit": self.new_node_level}.get(action, "none")
         return None if level == "none" else level
@@ -168,9 +168,15 @@ class GateConfig:
             if getattr(self, name) not in (*LEVELS, "none"):
                 raise ValueError(f"{name} {getattr(self, name)!r}: expected one of {', '.join(LEVELS)} or none")
         _check_argv("deepcheck.command", self.command, required=True)
+        if "{level}" not in self.command or "--json" not in self.command:
+            raise ValueError("command must pass --json and {level} (the gate reads the JSON report of that level)")
         for level, seconds in self.timeout_seconds.items():
             if level not in LEVELS or seconds <= 0:
                 raise ValueError(f"timeout_seconds.{level}: expected quick, standard or full with seconds > 0")
+        # A partial table overrides those levels only.
+        self.timeout_seconds = {**_default_gate_timeouts(), **self.timeout_seconds}
+        if self.hold_new_nodes and self.new_node_level == "none":
+            raise ValueError("hold_new_nodes needs a new_node_level (holding nodes for no check admits them unchecked)")
 
 
 @dataclass

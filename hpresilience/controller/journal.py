@@ -248,12 +248,24 @@ class Journal:
                 self._set_control("admitted_nodes", json.dumps(known))
                 self._event(None, "-", "admission_baseline", {"nodes": len(known)})
 
-    def admit(self, nodes: Iterable[str]) -> None:
+    def admit(self, nodes: Iterable[str], why: str) -> None:
+        """Nodes now in service for good; nothing happens while admission is off (no baseline)."""
         with self._transaction():
-            known = set(json.loads(self._control("admitted_nodes") or "[]"))
+            value = self._control("admitted_nodes")
+            if value is None:
+                return
+            known = set(json.loads(value))
             for node in sorted(set(nodes) - known):
-                self._event(None, node, "admitted", {})
+                self._event(None, node, "admitted", {"why": why})
             self._set_control("admitted_nodes", json.dumps(sorted(known | set(nodes))))
+
+    def stop_admission(self) -> None:
+        """`hold_new_nodes` switched off: the baseline goes; switched on again, the nodes Slurm
+        has then are the new baseline (nodes added meanwhile already serve: never drained at once)."""
+        with self._transaction():
+            if self._control("admitted_nodes") is not None:
+                self.db.execute("DELETE FROM control WHERE key = 'admitted_nodes'")
+                self._event(None, "-", "admission_stopped", {})
 
     def forget(self, nodes: Iterable[str]) -> None:
         """Nodes gone from Slurm's configuration: if they come back, they are new."""

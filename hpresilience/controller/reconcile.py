@@ -28,11 +28,14 @@ from .journal import Journal, Workflow
 from .metrics import ControllerMetrics
 from .providers import Provider
 from .verdict import is_unresponsive, ts
-from .workflow import Step, Steps
+from .workflow import ADMIT, Step, Steps
 
 log = structlog.get_logger(__name__)
 
 PAUSED_LOG_EVERY_SECONDS = 60.0
+# An admitted node must be missing from Slurm this long before it counts as removed (issue 10
+# review: a slurm.conf typo fixed by the next reconfigure must not make nodes "new").
+FORGET_AFTER_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class Reconciler:
         self.last_paused_log = 0.0
         self.partition_sizes: Dict[str, int] = {}
         self.remediating: Dict[str, Set[str]] = {}   # workflow node -> its partitions, past `drain`
+        self.first_missing: Dict[str, float] = {}     # admitted nodes Slurm no longer shows, since
 
     def reconfigure(self, config: ControllerConfig, gateway: SlurmGateway, provider: Provider) -> None:
         """SIGHUP: the steps hold the configuration, gateway and provider; the pass reads them there."""
@@ -111,7 +115,7 @@ class Reconciler:
                 wf = self._open(c, now)
                 active[wf.node] = wf
                 report.started.append(wf.node)
-            for node in self._unadmitted(nodes, active):
+            for node in self._unadmitted(nodes, active, now):
                 # Moved on from the next pass, which reads the node as held.
                 if self.steps.hold(node, now) is not None:
                     report.started.append(node.name)
@@ -164,18 +168,35 @@ class Reconciler:
                       hint="run `hpresilience controller resume` to let automatic action continue")
         return breaker
 
-    def _unadmitted(self, nodes: List[Node], active: Dict[str, Workflow]) -> List[Node]:
+    def _unadmitted(self, nodes: List[Node], active: Dict[str, Workflow], now: float) -> List[Node]:
         """With `deepcheck.hold_new_nodes` (issue 10): nodes that never passed a deep check,
         in service with no reason, to be held until they do. The nodes present when the
-        switch first turns on are the baseline; a node removed from Slurm is forgotten, so
-        re-added it is new."""
+        switch turns on are the baseline; a node missing from Slurm for FORGET_AFTER_SECONDS
+        is forgotten, so re-added it is new (a node missing for one reconfigure is not). A node
+        an admin put back in service after its admission ended is theirs: admitted."""
         if not self.steps.config.deepcheck.hold_new_nodes:
+            self.journal.stop_admission()
             return []
         self.journal.start_admission(n.name for n in nodes)
         admitted = self.journal.admitted() or set()
-        self.journal.forget(admitted - {n.name for n in nodes})
-        return [n for n in nodes if n.name not in admitted and n.name not in active and n.is_responding
-                and n.reason_owner is ReasonOwner.NONE]
+        present = {n.name for n in nodes}
+        for name in admitted - present:
+            self.first_missing.setdefault(name, now)
+        for name in list(self.first_missing):
+            if name in present or name not in admitted:
+                del self.first_missing[name]
+        self.journal.forget(n for n, since in self.first_missing.items() if now - since >= FORGET_AFTER_SECONDS)
+        held = []
+        for n in nodes:
+            if (n.name in admitted or n.name in active or not n.is_responding
+                    or n.reason_owner is not ReasonOwner.NONE):
+                continue
+            past = self.journal.history(node=n.name)
+            if past and past[-1].action == ADMIT and past[-1].status in ("failed", "abandoned"):
+                self.journal.admit([n.name], why=f"returned to service by someone else after workflow {past[-1].id}")
+                continue
+            held.append(n)
+        return held
 
     def _reap(self) -> None:
         for node, future in list(self.inflight.items()):
@@ -215,7 +236,8 @@ class Reconciler:
 
     def _recent_flags(self, candidates: List[Candidate], now: float, reset_at: Optional[float]) -> Set[str]:
         floor = max(now - self.steps.config.breaker.window_seconds, reset_at or 0.0)
-        recent = {wf.node for wf in self.journal.history(since=floor) if wf.detected_at >= floor}
+        # Admissions of new nodes are not flags: adding 25 nodes must not pause remediation.
+        recent = {wf.node for wf in self.journal.history(since=floor) if wf.detected_at >= floor and wf.action != ADMIT}
         return recent | {c.node.name for c in candidates if c.detected_at >= floor}
 
     def _recommend(self, candidates: List[Candidate]) -> None:

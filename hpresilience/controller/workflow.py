@@ -56,12 +56,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 import structlog
 
 from ..action import NodeAction
+from ..deepcheck.checks import CHECKS as KNOWN_CHECKS
 from ..deepcheck.result import Status, describe
 from ..slurm import Node, SlurmCommandError, SlurmGateway, SlurmUnavailable
 from ..slurm.gateway import NodeState
 from ..slurm.models import StepResult
 from ..slurm.reason import GAVE_UP_PREFIX, Fault, ReasonOwner, format_reason, parse_reason, sanitize_reason
-from .config import ControllerConfig, expand_argv
+from .config import LEVELS, ControllerConfig, expand_argv
 from .journal import Journal, Workflow
 from .metrics import ControllerMetrics
 from .providers import Provider, ProviderError, ProviderInterrupted
@@ -182,6 +183,12 @@ class Steps:
             return None
         if change is Change.NONE:
             return wf
+        if wf.action == ADMIT:
+            # An Action: reason on a held node asks for a remedy an admission does not have: the
+            # admission ends and the next pass opens that workflow (issue 10 review: accepting it
+            # here let the admission's resume clear it).
+            self.finish(wf, "done", f"superseded by {node.reason!r}")
+            return None
         step = Step(wf.step)
         if change is Change.UPGRADE:
             # Defect 3: a Replace raised while a Reboot waited was lost.
@@ -235,9 +242,13 @@ class Steps:
         """Still in drain: True once the node's jobs are gone (or the drain timed out and
         the node was set DOWN). False while waiting or when the workflow ended."""
         if node.action_reason is None and not node.reason and (node.available or node.is_busy):
+            if wf.action == ADMIT:  # an admin resumed a held node: their call, it is admitted
+                self.journal.admit([node.name], why="resumed by someone else while held")
             self.finish(wf, "abandoned", "returned to service by someone else")
             return False
         if node.is_busy and not node.is_down:
+            if wf.action == ADMIT:
+                return False  # a job that landed on a new node finishes: never killed for an admission
             timeout = self.config.workflow.drain_timeout_seconds
             if not timeout or now - wf.data.get("step_at", now) < timeout:
                 return False
@@ -378,8 +389,8 @@ class Steps:
             self._verified(wf, {"verified": "skipped (verify.enabled = false)"})
             return
         verify = self.config.verify
-        result = self._run_on_node(wf, node, expand_argv(verify.command, node=node.name, reason=wf.reason,
-                                                          action=wf.action), verify.timeout_seconds)
+        result = self._run_on_node(node, expand_argv(verify.command, node=node.name, reason=wf.reason,
+                                                      action=wf.action), verify.timeout_seconds, verify.srun)
         verdict = check_verdict(result)
         if verdict == "healthy":
             self._verified(wf, {"verified_at": self.clock(), "verify_output": sanitize_reason(result.output, 400)})
@@ -406,10 +417,10 @@ class Steps:
             return
         wf, node = ready
         gate = self.config.deepcheck
-        level = str(wf.data.get("deepcheck_level") or gate.level_after(wf.action) or "quick")
-        result = self._run_on_node(wf, node, expand_argv(gate.command, node=node.name, reason=wf.reason,
-                                                          action=wf.action, level=level),
-                                   gate.timeout_seconds.get(level, 3600.0))
+        level = str(wf.data["deepcheck_level"])
+        result = self._run_on_node(node, expand_argv(gate.command, node=node.name, reason=wf.reason,
+                                                      action=wf.action, level=level),
+                                   gate.timeout_seconds[level], self._gate_srun(node), job_name="hpr-deepcheck")
         report = gate_report(result)
         if report is None or report.status not in (Status.PASS, Status.FAIL):
             self._not_run(wf, node, "deep check", result)
@@ -418,13 +429,17 @@ class Steps:
         self.journal.record(node.name, "deepcheck", record, wf.id)
         self.metrics.deepcheck_runs.labels(level, report.status.value).inc()
         for failed in report.failed():
-            self.metrics.deepcheck_failures.labels(failed.name).inc()
+            self.metrics.deepcheck_failures.labels(failed.name if failed.name in KNOWN_CHECKS else "other").inc()
         if report.status is Status.PASS:
             self.to(wf, Step.RELEASE, {"deepcheck": record})
             return
         why = "deep check failed: " + "; ".join(describe(r, 100) for r in report.failed())
         log.warning("controller.deepcheck_failed", node=node.name, workflow=wf.id, level=level, why=why)
         self.journal.note(wf.id, wf.step, {"deepcheck": record})
+        if all(r.evidence.get("suggested_action") == "fix_configuration" for r in report.failed()):
+            # DCGM's CONFIG severity (persistence mode off, ...): new hardware would not fix it.
+            self.give_up(wf, self.gateway.node(node.name), f"{why} (a configuration problem, not hardware)")
+            return
         self._fault_after_remedy(wf, self.gateway.node(node.name), why, [("REPLACE", DEEPCHECK_FAULT)])
 
     def _ready_for_checks(self, wf: Workflow) -> Optional[Tuple[Workflow, Node]]:
@@ -448,12 +463,20 @@ class Steps:
                                                     "seen_time": None}) or wf
         return wf, node
 
-    def _run_on_node(self, wf: Workflow, node: Node, argv: List[str], timeout: float) -> StepResult:
+    def _run_on_node(self, node: Node, argv: List[str], timeout: float, srun: List[str],
+                     job_name: str = "hpr-verify") -> StepResult:
         try:
-            return self.gateway.run_on_node(node.name, argv, timeout=timeout,
-                                            reservation=self._reservation(node.name), srun=self.config.verify.srun)
+            return self.gateway.run_on_node(node.name, argv, timeout=timeout, reservation=self._reservation(node.name),
+                                            srun=srun, job_name=job_name)
         except SlurmCommandError as e:  # srun missing, refused...: the command did not run
             return StepResult(None, str(e))
+
+    def _gate_srun(self, node: Node) -> List[str]:
+        """The gate's step gets the whole node: every CPU, all memory and every GRES Slurm
+        knows of. A one-task step without them sees no GPU where ConstrainDevices is on, and
+        gpu_count would fail a healthy node (issue 10 review)."""
+        gres = [f"--gres={','.join(node.gres)}"] if node.gres else []
+        return [*self.config.verify.srun, "--exclusive", "--mem=0", *gres]
 
     def _not_run(self, wf: Workflow, node: Node, what: str, result: StepResult) -> None:
         """The check step could not run: again next pass, then a human. Our verification
@@ -478,8 +501,10 @@ class Steps:
         if node.is_drained or node.is_down:
             self.gateway.set_state(node.name, NodeState.RESUME)
         self._drop_reservation(node.name)
-        if wf.action == ADMIT:
-            self.journal.admit([node.name])
+        gate = wf.data.get("deepcheck")
+        if isinstance(gate, dict) and gate.get("status") == "pass" and LEVELS.index(gate["level"]) >= LEVELS.index(
+                self.config.deepcheck.new_node_level):
+            self.journal.admit([node.name], why=f"passed a {gate['level']} deep check (workflow {wf.id})")
         self.finish(wf, "done", "back in service", {"in_service_at": self.clock()})
 
     # --------------------------------------------------------------- helpers
@@ -505,8 +530,8 @@ class Steps:
 
     def hold(self, node: Node, now: float) -> Optional[Workflow]:
         """Open an admission for a node that never passed a deep check: drained with a reason
-        of ours (the gave-up form, so neither the agent nor the controller acts on it), jobs
-        that already landed on it finish."""
+        of ours (the gave-up form, so neither the agent nor the controller acts on it); a job
+        that already landed on it finishes (admissions never time the drain out)."""
         wf = self.journal.open_workflow(node.name, ADMIT, "new node: held until a deep check passes", Step.DRAIN.value,
                                         now, {"step_at": now})
         reason = f"{GAVE_UP_PREFIX} held until a deep check passes: new node (workflow {wf.id}; was: none)"
@@ -516,6 +541,7 @@ class Steps:
             return None
         self.gateway.set_state(node.name, NodeState.DRAIN, reason)
         held = self.gateway.node(node.name)
+        self.metrics.started.labels(ADMIT).inc()
         log.info("controller.hold_new_node", node=node.name, workflow=wf.id)
         return self.journal.note(wf.id, wf.step, {"hold_reason": reason, **self._seen(held)})
 

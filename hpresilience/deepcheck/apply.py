@@ -3,18 +3,23 @@ the way the agent would (issue 10, the prolog/epilog pair in slurm_plugins/).
 
 The finding is ``DEEPCHECK@<check>`` with the action the check suggests (dcgm's
 error severity: ISOLATE is a replacement) and Reboot otherwise: the controller then
-reboots, runs its gate, and escalates to a replacement only if the same check fails
-again (issue 9's rule: escalate only for the same fault returning). It goes through
-the agent's Actuator: never over someone else's reason, never a downgrade, and
-within the shared-cause budget when DEEPCHECK is listed there.
+reboots and runs its gate, which escalates to a replacement if the node still fails.
+A failure the check calls a configuration problem (DCGM's CONFIG severity, e.g.
+persistence mode off) is not applied: neither a reboot nor new hardware fixes it.
+It goes through the agent's Actuator: never over someone else's reason, never a
+downgrade, and within the shared-cause budget when DEEPCHECK is listed there.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from ..action import NodeAction
 from ..finding import Finding
 from .result import SuiteReport, describe
+
+if TYPE_CHECKING:
+    from ..agent.config import AgentConfig
+    from ..slurm import SlurmGateway
 
 CODE = "DEEPCHECK"
 
@@ -24,13 +29,16 @@ def findings(report: SuiteReport) -> List[Finding]:
     out = []
     for result in report.failed():
         suggested = str(result.evidence.get("suggested_action", "reboot")).lower()
+        if suggested == "fix_configuration":
+            continue
         action = NodeAction.REPLACE if suggested == NodeAction.REPLACE.value else NodeAction.REBOOT
         out.append(Finding(monitor="deepcheck", code=CODE, action=action, message=f"deep check failed: "
                            f"{describe(result, 160)}", component="node", entity=result.name))
     return sorted(out, key=lambda f: -f.action.rank)
 
 
-def apply_report(config, report: SuiteReport, gateway=None) -> Optional[str]:
+def apply_report(config: AgentConfig, report: SuiteReport, gateway: Optional[SlurmGateway] = None
+                 ) -> Optional[str]:
     """Apply a failed report to this node; the Actuator's outcome, or None when nothing failed."""
     from ..agent.actuator import Actuator
     from ..agent.daemon import agent_gateway

@@ -11,8 +11,10 @@ Strategy (pairs, then re-pairing with known-good nodes):
    an odd node out waits for step 2. A pair that passes clears both its nodes.
 2. Re-pair rounds: every node not cleared (in a failing pair, in a pair that could not
    run, or the odd one) is paired with a distinct cleared node, all at once. With a
-   known-good partner the test speaks about the node alone: pass -> cleared; a slow or
-   failed all-reduce -> culprit; could not run -> undetermined.
+   known-good partner the test speaks about the node alone: pass -> cleared; could not
+   run -> undetermined; a slow or failed all-reduce -> suspect, confirmed in one more
+   round with a second, different known-good partner (slow again -> culprit, pass ->
+   cleared): one slow pair can be the fabric between two leaf switches, not the node.
 3. No cleared node yet (every pair of step 1 failed): new pairs among the uncleared
    nodes, never a pair tried before, until one passes and gives step 2 its partners.
    When none is left to try, the rest are undetermined.
@@ -36,14 +38,15 @@ Cost, N nodes with k bad (the model below, checked against this code by the unit
 tests; worst case, every bad node in its own pair):
 
 - rounds: 1 (the group test, cluster.py) + 1 (pairs) + ceil(u / (N - u)) re-pair
-  rounds, u = 2k + N mod 2 the uncleared nodes; one re-pair round whenever u <= N / 2.
-- runs: 1 + floor(N / 2) + u.
-- N = 1,000, k = 1: 3 rounds (group, 500 pairs at once, 2 re-pairs), 503 runs. A round
-  lasts as long as its slowest run (launch, start-up of the workers, rendezvous, the
-  timed all-reduces), so the whole search costs about three all-reduce runs of wall
-  time, against log2(N) = 10 sequential rounds for bisection, which also cannot test
-  halves at once without a second fabric. With at most P runs at once (the launcher's
-  limit, `max_parallel`) the pair round becomes ceil(500 / P) waves.
+  rounds, u = 2k + N mod 2 the uncleared nodes (one re-pair round whenever u <= N / 2),
+  + 1 confirmation round after each re-pair round that found a slow node.
+- runs: 1 + floor(N / 2) + u + k.
+- N = 1,000, k = 1: 4 rounds (group, 500 pairs at once, 2 re-pairs, 1 confirmation),
+  504 runs. A round lasts as long as its slowest run (launch, start-up of the workers,
+  rendezvous, the timed all-reduces), so the whole search costs about four all-reduce
+  runs of wall time, against log2(N) = 10 sequential rounds for bisection, which also
+  cannot test halves at once without a second fabric. With at most P runs at once (the
+  launcher's limit, `max_parallel`) the pair round becomes ceil(500 / P) waves.
 """
 from __future__ import annotations
 
@@ -148,6 +151,7 @@ class _Search:
         self.undetermined: List[str] = []
         self.pending: List[str] = []          # not cleared, not yet judged
         self.tried: Set[frozenset] = set()
+        self.first_pair: Dict[str, frozenset] = {}   # each node's first pair (its neighbours)
         self.rounds: List[Round] = []
         self.best: Optional[float] = None
 
@@ -183,23 +187,59 @@ class _Search:
                 pairs.append((a, b))
         if not pairs:
             return False
+        for pair in pairs:
+            for node in pair:
+                self.first_pair.setdefault(node, frozenset(pair))
         for test in self.run_round(purpose, pairs):
             if test.grade is Grade.GOOD:
                 self.clear(test.group)
         return True
 
     def repair_round(self) -> None:
-        """Each pending node with a distinct known-good partner: the test speaks about the node alone."""
+        """Each pending node with a distinct known-good partner: the test speaks about the node alone.
+        A node found slow is confirmed with a second, different known-good partner before it is
+        named: one slow pair can be the fabric between the two (two leaf switches), not the node
+        (issue 10 review)."""
         tested = self.pending[: len(self.good)]
         groups: List[Group] = list(zip(tested, self.good))
-        for (node, _), test in zip(groups, self.run_round("re-pair with known-good", groups)):
+        suspects: List[Group] = []
+        for (node, partner), test in zip(groups, self.run_round("re-pair with known-good", groups)):
             self.pending.remove(node)
-            if test.grade is Grade.GOOD:
-                self.good.append(node)
-            elif test.grade is Grade.BAD:
-                self.culprits.append(node)
+            if test.grade is Grade.BAD:
+                suspects.append((node, partner))
             else:
-                self.undetermined.append(node)
+                self._judge(node, test.grade)
+        if suspects:
+            self.confirm_round(suspects)
+
+    def confirm_round(self, suspects: List[Group]) -> None:
+        """The second partner comes, where possible, from another first-round pair than the
+        first partner: nodes paired first are neighbours in the list, often on one switch."""
+        spare = [g for g in self.good if g not in {p for _, p in suspects}] + [p for _, p in suspects]
+        groups: List[Group] = []
+        unconfirmable: List[str] = []
+        for node, first in suspects:
+            # Neither its first partner's neighbours nor its own first partner (a pair already tried).
+            near = self.first_pair.get(first, frozenset((first,))) | self.first_pair.get(node, frozenset())
+            other = (next((g for g in spare if g not in near), None)
+                     or next((g for g in spare if g != first and frozenset((node, g)) not in self.tried), None))
+            if other is None:
+                unconfirmable.append(node)   # a single known-good node: its word alone
+                continue
+            spare.remove(other)
+            groups.append((node, other))
+        self.culprits.extend(unconfirmable)
+        if groups:
+            for (node, _), test in zip(groups, self.run_round("confirm with another known-good", groups)):
+                self._judge(node, test.grade)
+
+    def _judge(self, node: str, grade: Grade) -> None:
+        if grade is Grade.GOOD:
+            self.good.append(node)
+        elif grade is Grade.BAD:
+            self.culprits.append(node)
+        else:
+            self.undetermined.append(node)
 
     def search(self) -> Localisation:
         self.pending = list(self.order)
@@ -229,7 +269,7 @@ def localise(nodes: Sequence[str], measure: MeasureRound, criteria: Criteria,
     ...     return [Measurement(Outcome.OK, 1.0 if slow & set(g) else 10.0) for g in groups]
     >>> found = localise(["n1", "n2", "n3", "n4"], measure, Criteria(min_relative=0.5))
     >>> found.culprits, found.cleared, [len(r.tests) for r in found.rounds]
-    (('n3',), ('n1', 'n2', 'n4'), [2, 2])
+    (('n3',), ('n1', 'n2', 'n4'), [2, 2, 1])
     """
     if len(set(nodes)) < 2:
         raise ValueError("localisation needs at least two nodes")
@@ -248,20 +288,23 @@ def cost_model(n: int, bad: int = 1, group_test: bool = True, max_parallel: Opti
     placement (each bad node in its own pair), with the group test first (cluster.py).
 
     >>> cost_model(1000, 1)
-    Cost(rounds=3, runs=503, waves=3)
+    Cost(rounds=4, runs=504, waves=4)
     >>> cost_model(1000, 1, max_parallel=128)
-    Cost(rounds=3, runs=503, waves=6)
+    Cost(rounds=4, runs=504, waves=7)
     """
     if not 0 <= bad < n // 2:
         raise ValueError("the model needs n >= 2 and fewer bad nodes than pairs (bad < n // 2)")
     limit = max_parallel or n
-    uncleared = 2 * bad + n % 2
-    good = n - uncleared
+    # After the pair round the uncleared nodes, in order: each bad node and its partner, then the odd one.
+    pending = [True, False] * bad + [False] * (n % 2)
+    good = n - len(pending)
     rounds, runs, waves = int(group_test), int(group_test), int(group_test)
     rounds, runs, waves = rounds + 1, runs + n // 2, waves + math.ceil(n // 2 / limit)
-    while uncleared:
-        batch = min(uncleared, good)
-        rounds, runs, waves = rounds + 1, runs + batch, waves + math.ceil(batch / limit)
-        uncleared, good = uncleared - batch, good + batch - min(batch, bad)
-        bad -= min(batch, bad)
+    while pending:
+        batch, pending = pending[:good], pending[good:]
+        rounds, runs, waves = rounds + 1, runs + len(batch), waves + math.ceil(len(batch) / limit)
+        found = sum(batch)
+        if found:  # each slow node confirmed with a second known-good partner
+            rounds, runs, waves = rounds + 1, runs + found, waves + math.ceil(found / limit)
+        good += len(batch) - found
     return Cost(rounds, runs, waves)

@@ -68,11 +68,12 @@ class SuiteReport:
 
     @property
     def status(self) -> Status:
-        """FAIL if any check failed; else ERROR if any could not run; else PASS."""
+        """FAIL if any check failed; else ERROR if any could not run or none passed (every
+        check skipped checks nothing: never a pass); else PASS."""
         statuses = {r.status for r in self.results}
         if Status.FAIL in statuses:
             return Status.FAIL
-        if Status.ERROR in statuses or not self.results:
+        if Status.ERROR in statuses or Status.PASS not in statuses:
             return Status.ERROR
         return Status.PASS
 

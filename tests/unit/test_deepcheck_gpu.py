@@ -71,6 +71,14 @@ def test_no_driver_and_nothing_expected_is_skip() -> None:
     assert v.summary == f"no NVIDIA driver or GPU: {why}"
 
 
+def test_fewer_gpus_inside_a_step_allocated_none_is_not_evidence() -> None:
+    """Review of issue 10: where ConstrainDevices is on, a job step without GPUs sees none."""
+    seen_none = GpuCountObservation(None, "NVML reports 0 GPUs", 8, FROM_NODE, step_without_gpus=True)
+    assert count_verdict(seen_none).status is Status.ERROR
+    all_seen = GpuCountObservation(snapshot(*(gpu(i) for i in range(8))), None, 8, FROM_NODE, step_without_gpus=True)
+    assert count_verdict(all_seen).status is Status.PASS      # the devices were visible after all
+
+
 def test_no_driver_while_gpus_are_expected_fails() -> None:
     v = count_verdict(GpuCountObservation(None, "no NVIDIA GPUs (Driver Not Loaded)", 8, FROM_PARAMETER))
     assert v.status is Status.FAIL

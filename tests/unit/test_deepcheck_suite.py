@@ -44,6 +44,7 @@ def report_of(*statuses: Status) -> SuiteReport:
     ((Status.PASS, Status.FAIL, Status.ERROR), Status.FAIL, 1),   # evidence against the node wins
     ((Status.PASS, Status.ERROR), Status.ERROR, 2),
     ((), Status.ERROR, 2),                                        # nothing ran is not a pass
+    ((Status.SKIP, Status.SKIP), Status.ERROR, 2),                # nor is nothing checked
 ])
 def test_the_suite_verdict_and_exit_code(statuses, status, code):
     report = report_of(*statuses)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -42,15 +43,18 @@ class DiskSample:
 def measure(path: str, size_bytes: int) -> DiskSample:
     """Write `size_bytes` of non-repeating data to a file in `path`, fsync, drop it from the
     page cache, read it back; compare digests. The file is removed."""
-    target = os.path.join(path, f".hpresilience-deepcheck-{os.getpid()}-{threading.get_ident()}")
     block = os.urandom(CHUNK)
     written = hashlib.sha256()
     began = time.monotonic()
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A fresh name, created exclusively: run as root in a world-writable directory, a
+    # predictable name could be a user's symlink (issue 10 review).
+    fd, target = tempfile.mkstemp(prefix=".hpresilience-deepcheck-", dir=path)
     try:
         for i in range(max(1, size_bytes // CHUNK)):
             chunk = i.to_bytes(8, "little") + block[8:]  # every chunk different: no dedup, no compression win
-            os.write(fd, chunk)
+            view = memoryview(chunk)
+            while view:  # a short write is not an error: write the rest
+                view = view[os.write(fd, view):]
             written.update(chunk)
         os.fsync(fd)
         write_seconds = time.monotonic() - began

@@ -24,6 +24,7 @@ Verdicts:
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -43,6 +44,22 @@ class GpuCountObservation:
     nvml_error: Optional[str]              # why NVML is not usable or reports no GPU; None when it read GPUs
     expected_gpus: int = 0                 # 0: not known
     expected_from: str = ""                # FROM_NODE, FROM_PARAMETER, or "" when not known
+    step_without_gpus: bool = False        # run in a Slurm job step that was allocated no GPU
+
+
+# Slurm sets one of these in a step that was allocated GPUs (gres/gpu; CUDA_VISIBLE_DEVICES also
+# when a site's tooling sets it). Without them, a device cgroup (ConstrainDevices) hides the GPUs.
+_GPU_ALLOCATION_VARS = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL")
+
+
+def in_step_without_gpus(env: Mapping[str, str]) -> bool:
+    """A Slurm job step that was not allocated GPUs: fewer GPUs seen there say nothing of the node
+    (issue 10 review: the gate's one-task step failed healthy nodes where ConstrainDevices is on).
+
+    >>> in_step_without_gpus({"SLURM_JOB_ID": "7"}), in_step_without_gpus({"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "0"})
+    (True, False)
+    """
+    return "SLURM_JOB_ID" in env and not any(env.get(v) for v in _GPU_ALLOCATION_VARS)
 
 
 def read_gpus(call_timeout_seconds: float) -> Tuple[Optional[NvmlSnapshot], Optional[str]]:
@@ -72,11 +89,12 @@ class GpuCountCheck(Check):
 
     def collect(self, ctx: Context) -> GpuCountObservation:
         snapshot, error = read_gpus(float(ctx.params["call_timeout_seconds"]))
+        confined = in_step_without_gpus({**os.environ, **ctx.env})
         if ctx.gpu_count:
-            return GpuCountObservation(snapshot, error, ctx.gpu_count, FROM_NODE)
+            return GpuCountObservation(snapshot, error, ctx.gpu_count, FROM_NODE, confined)
         if ctx.params["expected_gpus"]:
-            return GpuCountObservation(snapshot, error, int(ctx.params["expected_gpus"]), FROM_PARAMETER)
-        return GpuCountObservation(snapshot, error)
+            return GpuCountObservation(snapshot, error, int(ctx.params["expected_gpus"]), FROM_PARAMETER, confined)
+        return GpuCountObservation(snapshot, error, step_without_gpus=confined)
 
     def evaluate(self, observed: GpuCountObservation, params: Mapping[str, Any]) -> Verdict:
         expected = observed.expected_gpus
@@ -84,6 +102,9 @@ class GpuCountCheck(Check):
         count = snapshot.gpu_count if snapshot is not None else 0
         evidence: Dict[str, Any] = {"gpu_count": count, "expected_gpus": expected or None,
                                     "expected_from": observed.expected_from or None}
+        if observed.step_without_gpus and count < expected:
+            return Verdict(Status.ERROR, f"{count} of {expected} GPU(s) visible, but this runs in a Slurm step "
+                                         "allocated no GPU: run it with the node's GRES (or outside a job)", evidence)
         if observed.nvml_error is not None or count == 0:
             why = observed.nvml_error or "NVML reports 0 GPUs"
             evidence["nvml_error"] = why
