@@ -64,6 +64,11 @@ def deepcheck(config_path: Optional[Path], level: str, only: Tuple[str, ...], as
     from ..deepcheck.checks import CHECKS
     from ..deepcheck.result import EXIT_NOT_RUN, Level
     from ..slurm import SlurmError
+    if nodelist and (only or apply or no_slurm):
+        raise click.UsageError("--nodes runs the cluster all-reduce check: --only, --apply and --no-slurm "
+                               "are for the checks of this node")
+    if apply and no_slurm:
+        raise click.UsageError("--apply writes to Slurm: it cannot go with --no-slurm")
     config = _load(config_path)
     if nodelist:
         from ..deepcheck.cluster import run_cluster_check

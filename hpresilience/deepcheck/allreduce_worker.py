@@ -6,8 +6,8 @@
 Rendezvous from Slurm's environment: rank SLURM_PROCID of SLURM_NTASKS; the master is
 the first node of SLURM_STEP_NODELIST (SLURM_JOB_NODELIST outside a step), where task 0
 runs, at the address given with --address (Slurm's NodeAddr, which the caller reads;
-node names need not resolve) or its name; the port is --port-base plus the job and step
-ids modulo 1000, so runs at the same time (each its own srun) do not collide. NCCL when
+node names need not resolve) or its name; the port is --port-base plus (job id * 8 + step
+id) modulo PORT_SPAN, so runs at the same time (each its own srun) do not collide. NCCL when
 CUDA is available, gloo otherwise.
 
 Output, one JSON line on stdout: rank 0's result when it worked ({"ok": true,

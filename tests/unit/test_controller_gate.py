@@ -295,3 +295,21 @@ def test_an_admins_reason_on_a_new_node_is_left_alone(holding):
     holding.run_pass()
     assert holding.workflows("n5") == [] and holding.gateway.node("n5").reason == "burn-in by vendor"
     assert len(holding.workflows()) == 0 and holding.journal.admitted() == {"n1", "n2", "n3", "n4"}
+
+
+def test_a_controller_killed_in_the_gate_runs_it_again_and_reboots_once(cluster):
+    """The gate has no side effect to repeat: a controller that dies once the workflow entered
+    `deepcheck` runs the check after its restart (the journal says where it was), and the node
+    is rebooted once."""
+    cluster.flag("n1", NodeAction.REBOOT, *XID_79)
+    for _ in range(20):
+        cluster.run_pass()
+        [wf] = cluster.workflows("n1")
+        if wf.step == "deepcheck":
+            break
+        cluster.model.advance(5)
+    assert wf.step == "deepcheck" and gate_runs(cluster, "n1") == []
+    cluster.restart_controller()
+    cluster.settle()
+    [wf] = cluster.workflows("n1")
+    assert (wf.status, cluster.reboots("n1"), gate_runs(cluster, "n1")) == ("done", 1, ["quick"])

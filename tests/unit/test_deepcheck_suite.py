@@ -128,3 +128,10 @@ def test_disk_reads_back_what_it_wrote(tmp_path):
     verdict = CHECKS["disk"].evaluate([DiskSample("/x", 1 << 20, 0.01, 0.01, intact=False)],
                                       CHECKS["disk"].params | {"paths": ["/x"]})
     assert verdict.status is Status.FAIL and "differs" in verdict.summary
+
+
+@pytest.mark.parametrize("args", [["--nodes", "n[1-2]", "--only", "disk"], ["--nodes", "n[1-2]", "--apply"],
+                                  ["--apply", "--no-slurm"]])
+def test_options_that_cannot_go_together_are_refused(args):
+    result = CliRunner().invoke(main, ["deepcheck", *args])
+    assert result.exit_code == 2 and "Usage:" in result.output

@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 from ..check import Check, Context, CouldNotRun, Skip, per_level
 from ..result import Status, Verdict
@@ -115,7 +115,7 @@ class DiskCheck(Check):
                                     f" read {worst.read_mb_s:.0f} MB/s", evidence)
 
 
-def _with_deadline(work, timeout: float, what: str) -> DiskSample:
+def _with_deadline(work: Callable[[], DiskSample], timeout: float, what: str) -> DiskSample:
     box: Dict[str, Any] = {}
 
     def run() -> None:
