@@ -56,9 +56,15 @@ def in_step_without_gpus(env: Mapping[str, str]) -> bool:
     """A Slurm job step that was not allocated GPUs: fewer GPUs seen there say nothing of the node
     (issue 10 review: the gate's one-task step failed healthy nodes where ConstrainDevices is on).
 
+    A prolog or epilog runs in slurmd's context, outside the job's cgroup: it sees every device.
+
     >>> in_step_without_gpus({"SLURM_JOB_ID": "7"}), in_step_without_gpus({"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "0"})
     (True, False)
+    >>> in_step_without_gpus({"SLURM_JOB_ID": "7", "SLURM_SCRIPT_CONTEXT": "prolog_slurmd"})
+    False
     """
+    if env.get("SLURM_SCRIPT_CONTEXT", "") in ("prolog_slurmd", "epilog_slurmd"):
+        return False
     return "SLURM_JOB_ID" in env and not any(env.get(v) for v in _GPU_ALLOCATION_VARS)
 
 
