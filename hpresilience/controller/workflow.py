@@ -147,7 +147,7 @@ class Steps:
         window = self.config.workflow.refault_window_seconds
         for past in reversed(self.journal.history(node=node)):
             if (past.action == NodeAction.REBOOT.value and past.status == "done" and past.finished_at
-                    and now - past.finished_at < window and workflow_fault(past) == fault):
+                    and now - past.finished_at < window and fault.matches(workflow_fault(past))):
                 return f"{fault} flagged again {now - past.finished_at:.0f}s after its reboot"
         return None
 
@@ -201,8 +201,10 @@ class Steps:
                 return None
             return self._accept(wf, node)
         # A fresh fault flagged after the workflow's own.
-        if step in (Step.DRAIN, Step.REBOOT, Step.REPLACE, Step.AWAIT_NODE, Step.POWER_CYCLE):
+        if step in (Step.DRAIN, Step.REBOOT, Step.REPLACE, Step.POWER_CYCLE):
             return self._accept(wf, node)  # the remedy still to come covers it
+        # AWAIT_NODE: the replacement is done; a flag now is about the new hardware and must not be
+        # cleared by the resume before its checks (found by the property suite, issue 10 session).
         if step is Step.AWAIT_BOOT:
             return self._accept(wf, node)  # flagged while rebooting: looked at once it is back
         self._fault_after_remedy(wf, node, f"flagged again: {node.reason}",
@@ -222,7 +224,7 @@ class Steps:
         workflow ends and, if the fault is on the node as an Action: reason, the next pass
         opens a workflow for it; otherwise a human looks."""
         fault = workflow_fault(wf)
-        same = fault is not None and any(f == fault for _, f in found)
+        same = fault is not None and any(fault.matches(f) for _, f in found)
         harsher = any(a == "REPLACE" for a, _ in found)
         if wf.action not in (NodeAction.REPLACE.value, ADMIT) and (same or harsher):
             self.escalate(wf, node, f"after {wf.action}: {why}")

@@ -10,7 +10,7 @@ from hpresilience.controller.config import ControllerConfig
 from hpresilience.slurm import NodeState
 from hpresilience.slurm.models import StepResult
 from hpresilience.slurm.reason import GAVE_UP_PREFIX, parse_reason
-from tests.decision_harness import Cluster
+from tests.decision_harness import Cluster, check_result
 from tests.slurm_model import deepcheck_result
 
 XID_79 = ("XID_79", "GPU 3")
@@ -313,3 +313,15 @@ def test_a_controller_killed_in_the_gate_runs_it_again_and_reboots_once(cluster)
     cluster.settle()
     [wf] = cluster.workflows("n1")
     assert (wf.status, cluster.reboots("n1"), gate_runs(cluster, "n1")) == ("done", 1, ["quick"])
+
+
+def test_a_gpu_lost_before_and_after_the_reboot_is_the_same_fault(cluster):
+    """Found by ./scripts/demo (issue 10 session): the agent named the GPU with its address while it
+    answered ("GPU 3 (0000:86:00.0)"); lost from boot on, the check names it "GPU 3". The same fault
+    returning after the reboot escalates to a replacement, not to a human."""
+    cluster.flag("n1", NodeAction.REBOOT, "GPU_LOST", "GPU 3 (0000:86:00.0)")
+    results = iter([check_result("REBOOT   GPU_LOST [GPU 3]: GPU 3 lost")])
+    cluster.model.check = lambda node: next(results, check_result())
+    cluster.settle()
+    [wf] = cluster.workflows("n1")
+    assert (wf.action, wf.status) == ("replace", "done") and cluster.power_downs("n1") == 1

@@ -191,6 +191,11 @@ def replay_writes(world: World) -> None:
                 t.replace_pending = flagged.action is NodeAction.REPLACE or (t.replace_pending and w.user != ADMIN)
         if (ours and state == "POWER_DOWN_FORCE") or (w.user == ADMIN and parse_reason(w.fields.get("reason")) is None):
             t.replace_pending = False   # replaced (the power-save provider's first write), or a human took it
+        if w.op == "slurm" and "reason" in w.fields and not w.fields["reason"]:
+            # Slurm itself cleared the reason (a powered-up node registering): a documented limit
+            # (docs/safety.md, known limits): nobody of ours lost it; the agent flags a persisting
+            # fault again within reverify_seconds.
+            t.replace_pending = False
 
 
 def check_resume(world: World, w, t: Tracked, owner: ReasonOwner) -> None:
