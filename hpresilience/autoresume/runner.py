@@ -18,16 +18,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Dict, List, Mapping, Optional, Set
+from typing import IO, Callable, Dict, List, Mapping, Optional, Set
 
 from ..checkpoint import CheckpointDir
-from ..slurm import CommandRunner, JobNotFound, ScontrolBackend, SlurmError, SlurmGateway
-from ..slurm.hostlist import fold
+from ..slurm import CommandRunner, JobNotFound, NodeNotFound, ScontrolBackend, SlurmError, SlurmGateway
+from ..slurm.hostlist import expand, fold
 from ..slurm.reason import EXPEDITE_MARK
 from .allocation import Allocation, step_env, why_bad
 from .settings import AutoResumeSettings, state_dir
 from .srun_args import SrunCommand
-from .state import AttemptState
+from .state import AttemptState, JobRun, claim_step
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
                      signal.SIGCONT, signal.SIGTSTP)
@@ -59,6 +59,7 @@ class Reporter:
     def __init__(self, events: Optional[Path], err: IO[str] = sys.stderr):
         self.events = events
         self.err = err
+        self.step: Optional[str] = None     # the step's identity once claimed: one job's steps share the file
 
     def say(self, text: str) -> None:
         print(f"[auto-resume] {text}", file=self.err, flush=True)
@@ -68,14 +69,16 @@ class Reporter:
             return
         self.events.parent.mkdir(parents=True, exist_ok=True)
         with open(self.events, "a") as f:
-            f.write(json.dumps({"at": round(time.time(), 3), "event": kind, **detail}, default=str) + "\n")
+            f.write(json.dumps({"at": round(time.time(), 3), "event": kind, "step": self.step, **detail},
+                               default=str) + "\n")
 
 
 class Runner:
     def __init__(self, cmd: SrunCommand, settings: AutoResumeSettings, real_srun: str,
                  gateway: Optional[SlurmGateway] = None, env: Optional[Mapping[str, str]] = None,
-                 err: IO[str] = sys.stderr):
+                 err: IO[str] = sys.stderr, sleep: Callable[[float], None] = time.sleep):
         self.cmd = cmd
+        self.sleep = sleep
         self.settings = settings
         self.real_srun = real_srun
         self.env = dict(os.environ if env is None else env)
@@ -100,6 +103,45 @@ class Runner:
         if not alloc.nodes:
             raise AutoResumeError(f"job {self.job_id} has no nodes in Slurm (has it ended?)")
 
+    def _asked_nodes(self) -> List[str]:
+        """The -w/--nodelist nodes (srun reads a value with a '/' as a file of names: not ours to check)."""
+        asked = self.cmd.value("-w", "--nodelist")
+        return expand(asked) if asked and "/" not in asked else []
+
+    def _known(self, node: str) -> bool:
+        try:
+            self.gateway.node(node)
+            return True
+        except NodeNotFound:
+            return False
+
+    def _never_runs(self, alloc: Allocation, state: AttemptState) -> Optional[str]:
+        """Why the step can never run in this job, or None. Such a step is refused, not
+        requeued: a requeue cannot help it (issue 11, defect 3: `srun -N4` in a 2-node job
+        requeued forever)."""
+        # A job's allocation can shrink (a released node) but never grow, a requeued one
+        # included: what it holds now bounds every later attempt.
+        holds = max(alloc.job.num_nodes or 0, len(alloc.job.nodes))
+        if self.cmd.nodes is not None and self.cmd.nodes > holds:
+            return (f"the step asks for {self.cmd.nodes} nodes (-N) but job {self.job_id} holds {holds} and can "
+                    "never hold more: ask for at most that many, or submit the job with more nodes")
+        asked = self._asked_nodes()
+        if not asked:
+            return None
+        try:
+            self.gateway.nodes(asked)
+        except NodeNotFound:
+            # Slurm names the whole list it was asked about: name only the nodes it does not know.
+            unknown = [n for n in asked if not self._known(n)]
+            return f"-w names {fold(unknown)}, unknown to Slurm"
+        outside = [n for n in asked if n not in alloc.job.nodes]
+        # Only before the step's first attempt: later, -w nodes this step failed on were
+        # released or left behind by a requeue, and the attempt runs on other healthy nodes.
+        if outside and state.attempts == 0:
+            return (f"-w names {fold(outside)}, not in job {self.job_id}'s allocation "
+                    f"({fold(list(alloc.job.nodes))}); srun cannot run a step there")
+        return None
+
     def _wanted(self, alloc: Allocation) -> int:
         return self.cmd.nodes or len(alloc.nodes)
 
@@ -114,17 +156,27 @@ class Runner:
     def run(self) -> int:
         alloc = Allocation.read(self.gateway, self.job_id)
         self._check_job(alloc)
-        state = AttemptState.load(self.dir, self.job_id)
         restarts = int(self.env.get("SLURM_RESTART_COUNT") or 0)
         # Slurm resets SubmitTime on a requeue, so (restart count, submit time) tells this job
         # from an older one with the same id (ids restart after a state reset, or wrap).
         submitted = alloc.job.submit_time.timestamp() if alloc.job.submit_time else None
+        step = claim_step(self.dir, JobRun(self.job_id, restarts, submitted), self.cmd.argv())
+        self.report.step = step
+        state = AttemptState.load(self.dir, self.job_id, step)
         if restarts < state.requeues or (restarts == state.requeues and state.submit_time not in (None, submitted)):
-            state = AttemptState(self.job_id)
+            state = AttemptState(self.job_id, step)
         state.submit_time = submitted
         if restarts > state.requeues:
+            if state.history and state.history[-1]["event"] == "succeeded":
+                # A step that finished before the requeue runs again because the script starts
+                # from the top: a new run of it, not a retry (issue 11, defect 1).
+                state = AttemptState(self.job_id, step)
             state.requeues = restarts
             state.note("requeued", restart_count=restarts)
+        why_not = self._never_runs(alloc, state)
+        if why_not is not None:
+            self.report.event("refused", why=why_not)
+            raise AutoResumeError(f"{why_not} (not retried, not requeued)")
         maximum = self.settings.max_attempts
         while True:
             if state.attempts >= maximum:
@@ -135,9 +187,8 @@ class Runner:
             healthy = alloc.healthy
             wanted = self._wanted(alloc)
             if len(healthy) < wanted:
-                outcome_path = self._requeue(alloc, state, f"only {len(healthy)} healthy nodes for a {wanted}-node "
-                                                           "step")
-                return outcome_path
+                return self._requeue_before_attempt(alloc, state, f"only {len(healthy)} healthy nodes for a "
+                                                                  f"{wanted}-node step")
             nodes = self._choose(healthy, wanted)
             state.attempts += 1
             state.last_checkpoint_step = self._checkpoint_step()
@@ -194,9 +245,7 @@ class Runner:
 
     def _choose(self, healthy: List[str], wanted: int) -> List[str]:
         """The user's -w nodes first while healthy, then other healthy nodes, in job order."""
-        from ..slurm.hostlist import expand
-        asked = self.cmd.value("-w", "--nodelist")
-        first = [n for n in (expand(asked) if asked and not asked.startswith("/") else []) if n in healthy]
+        first = [n for n in self._asked_nodes() if n in healthy]
         return (first + [n for n in healthy if n not in first])[:wanted]
 
     def _resized_env(self, alloc: Allocation, nodes: List[str]) -> Dict[str, str]:
@@ -341,6 +390,19 @@ class Runner:
         return True
 
     # ----------------------------------------------------------------- requeue
+    def _requeue_before_attempt(self, alloc: Allocation, state: AttemptState, why: str) -> int:
+        """A requeue instead of an attempt counts as one (issue 11, defect 2: uncounted, it
+        looped forever while the controller expedited each requeue); one that would leave
+        no attempt to run the step after it is not made."""
+        maximum = self.settings.max_attempts
+        if state.attempts + 1 >= maximum:
+            self.report.say(f"cannot run the step ({why}) and a requeue would use the last of {maximum} attempts "
+                            f"({state.attempts} used); not requeueing")
+            self.report.event("gave_up", reason="attempts used up", why=why, attempts=state.attempts)
+            return 1
+        state.attempts += 1
+        return self._requeue(alloc, state, why)
+
     def _requeue(self, alloc: Allocation, state: AttemptState, why: str) -> int:
         if not alloc.job.requeue:
             self.report.say(f"cannot continue in this allocation ({why}) and job {self.job_id} is not "
@@ -350,13 +412,13 @@ class Runner:
         state.note("requeue", why=why, attempt=state.attempts)
         state.save(self.dir)
         self.report.say(f"requeueing job {self.job_id}: {why}; the job restarts on a fresh allocation "
-                        f"and continues at attempt {state.attempts + 1} of {self.settings.max_attempts}")
+                        f"and this step continues at attempt {state.attempts + 1} of {self.settings.max_attempts}")
         self.report.event("requeue", why=why, attempt=state.attempts)
         comment = alloc.job.extra.get("Comment") or ""
         if EXPEDITE_MARK not in comment:
             self.gateway.update_job(self.job_id, comment=f"{EXPEDITE_MARK} {comment}".strip())
         self.gateway.requeue(self.job_id)
         # Slurm now kills this batch script, and us with it; nothing is left to race.
-        time.sleep(120)
+        self.sleep(120)
         self.report.say("still running 120 s after the requeue; giving up")
         return 1

@@ -1,41 +1,69 @@
 """srun's command line: find `--auto-resume`, the program, and the node options.
 
-Only what stands before the program belongs to srun (`srun -N2 train.sh
---auto-resume` passes the flag to train.sh), so options that take a value
-must be known to find where the program starts. The table follows
-`srun --help` of Slurm 22.05-25.11; an option we do not know is taken as a
-flag, and `--opt=value` forms never need the table.
+srun reads options with getopt_long in "+" mode, and so do we (issue 11):
+- options end at the first word that is not an option (the program) or at `--`;
+  everything after belongs to the program, so `srun -N2 train.sh --auto-resume`
+  passes the flag to train.sh;
+- an option with a required value takes `--opt=v`, `--opt v`, `-Xv` or `-X v`;
+  one with an optional value (`--kill-on-bad-exit`, `--bcast`, `-K`, `-I`...) takes
+  it only attached (`--opt=v`, `-Xv`), never the next word: issue 11's defect was
+  `srun --kill-on-bad-exit --auto-resume=1 python t.py` losing `--auto-resume=1`
+  as the value;
+- short options bundle (`-lN2` is `-l -N 2`); a long option may be abbreviated to
+  any unambiguous prefix (`--node=2`), an exact name winning over longer ones.
+The table of options is srun_options.OPTIONS (from Slurm's own getopt table). An
+option it does not know (a SPANK plugin's, say) is read as a flag; its `--opt=value`
+form needs no table.
+
+`--auto-resume[=N]` is ours, an optional-value option like srun's: bare or N > 0
+turns it on, `=0` off, and `--auto-resume 1` leaves `1` as the program. Given more
+than once, the last one wins (as for srun's own options). A word srun would reject
+(a value missing at the end) is an error only when `--auto-resume` was found;
+without it the shim hands argv to srun untouched and srun says what is wrong.
+Only the first component of a heterogeneous step (before ` : `) is read.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-# Short options that take a value (`-N 2` or `-N2`).
-SHORT_WITH_VALUE = set("AbcdDeiJLMmnNopqrSTtWCwxGBFz")
-# Long options that take a value when not written `--opt=value`.
-LONG_WITH_VALUE = {
-    "account", "acctg-freq", "bb", "bbf", "bcast", "bcast-exclude", "begin", "cpus-per-task", "comment",
-    "cpu-freq", "dependency", "deadline", "delay-boot", "chdir", "export", "error", "epilog", "gres",
-    "gres-flags", "input", "jobid", "job-name", "licenses", "clusters", "distribution", "mail-type",
-    "mail-user", "mcs-label", "mpi", "ntasks", "ntasks-per-node", "nodes", "output", "het-group", "partition",
-    "power", "priority", "prolog", "profile", "qos", "relative", "core-spec", "slurmd-debug", "switches",
-    "task-epilog", "task-prolog", "thread-spec", "threads", "time", "time-min", "wait", "wckey",
-    "cluster-constraint", "constraint", "mem", "mincpus", "reservation", "tmp", "nodelist", "exclude",
-    "mem-per-cpu", "sockets-per-node", "cores-per-socket", "threads-per-core", "ntasks-per-core",
-    "ntasks-per-socket", "ntasks-per-gpu", "cpus-per-gpu", "gpus", "gpu-bind", "gpu-freq", "gpus-per-node",
-    "gpus-per-socket", "gpus-per-task", "mem-per-gpu", "cpu-bind", "mem-bind", "hint", "extra-node-info",
-    "nodefile", "uid", "gid", "network", "accel-bind", "kill-on-bad-exit", "signal", "container",
-    "tres-per-task", "tres-bind", "extra", "resv-ports",
-}
-# Options that pick the step's nodes: replaced by an explicit list on a retry.
-NODE_SELECTION = {"-N", "--nodes", "-w", "--nodelist", "-x", "--exclude", "-F", "--nodefile",
-                  "--use-min-nodes", "--relative", "-r"}
+from .srun_options import FLAG, OPTIONAL, OPTIONS, VALUE
+
 AUTO_RESUME = "--auto-resume"
+# Long names of the options that pick the step's nodes: replaced by an explicit list on a retry.
+NODE_SELECTION = {"nodes", "nodelist", "exclude", "nodefile", "use-min-nodes", "relative"}
+_BY_SHORT = {opt.short: name for name, opt in OPTIONS.items() if opt.short}
 
 
 class UsageError(ValueError):
     pass
+
+
+def long_name(option: str) -> Optional[str]:
+    """The table's canonical long name of an option as written (`-w`, `--nodel`,
+    `--nodelist`: "nodelist"), or None for an option srun's table does not have.
+
+    >>> long_name("-N"), long_name("--nodel"), long_name("--tasks-per-node"), long_name("--mem"), long_name("--node")
+    ('nodes', 'nodelist', 'ntasks-per-node', 'mem', None)
+    """
+    if not option.startswith("--"):
+        name = _BY_SHORT.get(option[1:])
+    elif option[2:] in OPTIONS:
+        name = option[2:]
+    else:
+        # getopt_long: an unambiguous prefix names the option.
+        found = {_canonical(n) for n in OPTIONS if n.startswith(option[2:])}
+        name = found.pop() if len(found) == 1 and option[2:] else None
+    return None if name is None else _canonical(name)
+
+
+def _canonical(name: str) -> str:
+    return OPTIONS[name].alias_of or name
+
+
+def _kind(option: str) -> str:
+    name = long_name(option)
+    return OPTIONS[name].kind if name else FLAG
 
 
 @dataclass
@@ -45,17 +73,19 @@ class SrunCommand:
     auto_resume: Optional[bool] = None     # None: not given; False: =0; True: bare or =1 (or any N > 0)
 
     def value(self, *names: str) -> Optional[str]:
-        """The last value given for any of `names` (srun: the last one wins)."""
+        """The last value given for any of `names`, however each was spelled
+        (`-w`, `--nodelist`, `--nodel`): srun takes the last one."""
+        wanted = {long_name(n) for n in names} - {None}
         found = None
         for option, value in self.options:
-            if option in names:
+            if long_name(option) in wanted:
                 found = value
         return found
 
     @property
     def nodes(self) -> Optional[int]:
         """-N/--nodes as a count (the minimum of a range), or None."""
-        text = self.value("-N", "--nodes")
+        text = self.value("--nodes")
         if text is None:
             return None
         try:
@@ -69,13 +99,23 @@ class SrunCommand:
         from ..slurm.hostlist import fold
         out: List[str] = []
         for option, value in self.options:
-            if nodelist is not None and option in NODE_SELECTION:
+            if nodelist is not None and long_name(option) in NODE_SELECTION:
                 continue
-            out.append(option if value is None else f"{option}={value}" if option.startswith("--")
-                       else f"{option}{value}")
+            out += _words(option, value)
         if nodelist is not None:
             out += [f"--nodes={len(nodelist)}", f"--nodelist={fold(nodelist)}"]
-        return out + self.program
+        # A program that looks like an option was written after `--`, and must be again.
+        return out + (["--"] if self.program[:1] and self.program[0].startswith("-") else []) + self.program
+
+
+def _words(option: str, value: Optional[str]) -> List[str]:
+    """One option as srun reads it back: `--opt=v`, `-Xv`; an empty short value as
+    its own word, since `-X` alone would take the next word (or none) instead."""
+    if value is None:
+        return [option]
+    if option.startswith("--"):
+        return [f"{option}={value}"]
+    return [option + value] if value else [option, value]
 
 
 def parse_auto_resume(text: Optional[str]) -> bool:
@@ -94,11 +134,12 @@ def parse_auto_resume(text: Optional[str]) -> bool:
 def parse(argv: List[str]) -> SrunCommand:
     """Split srun's arguments (without argv[0]).
 
-    >>> c = parse(["-N", "2", "--auto-resume=1", "-l", "python", "train.py", "--auto-resume"])
+    >>> c = parse(["-N", "2", "--kill-on-bad-exit", "--auto-resume=1", "-l", "python", "train.py", "--auto-resume"])
     >>> c.auto_resume, c.nodes, c.program
     (True, 2, ['python', 'train.py', '--auto-resume'])
     """
     cmd = SrunCommand()
+    missing: Optional[str] = None
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -109,29 +150,47 @@ def parse(argv: List[str]) -> SrunCommand:
             cmd.program = argv[i:]
             break
         if arg.startswith("--"):
-            name, eq, value = arg.partition("=")
-            if name == AUTO_RESUME:
-                cmd.auto_resume = parse_auto_resume(value if eq else None)
-            elif eq:
-                cmd.options.append((name, value))
-            elif name[2:] in LONG_WITH_VALUE:
-                if i + 1 >= len(argv):
-                    raise UsageError(f"{name} needs a value")
-                cmd.options.append((name, argv[i + 1]))
-                i += 1
-            else:
-                cmd.options.append((name, None))
+            taken, missing = _long(cmd, arg, argv[i + 1:])
         else:
-            letter = arg[1]
-            if letter in SHORT_WITH_VALUE:
-                if len(arg) > 2:
-                    cmd.options.append((arg[:2], arg[2:]))
-                elif i + 1 < len(argv):
-                    cmd.options.append((arg, argv[i + 1]))
-                    i += 1
-                else:
-                    raise UsageError(f"{arg} needs a value")
-            else:
-                cmd.options.append((arg, None))  # a flag, or a bundle of flags like -lK
-        i += 1
+            taken, missing = _shorts(cmd, arg, argv[i + 1:])
+        i += 1 + taken
+    if missing and cmd.auto_resume is not None:
+        raise UsageError(f"{missing} needs a value")
     return cmd
+
+
+def _long(cmd: SrunCommand, arg: str, rest: List[str]) -> Tuple[int, Optional[str]]:
+    """Read one `--opt[=v]` word into `cmd`; return the words after it that it took
+    (0 or 1) and the option if its required value is missing."""
+    name, eq, value = arg.partition("=")
+    if name == AUTO_RESUME:
+        cmd.auto_resume = parse_auto_resume(value if eq else None)
+        return 0, None
+    if eq or _kind(name) != VALUE:
+        cmd.options.append((name, value if eq else None))
+        return 0, None
+    if not rest:
+        cmd.options.append((name, None))
+        return 0, name
+    cmd.options.append((name, rest[0]))
+    return 1, None
+
+
+def _shorts(cmd: SrunCommand, arg: str, rest: List[str]) -> Tuple[int, Optional[str]]:
+    """Read a bundle of short options (`-lK`, `-lN2`, `-N`); like _long."""
+    for j in range(1, len(arg)):
+        option, attached = "-" + arg[j], arg[j + 1:]
+        kind = _kind(option)
+        if kind == FLAG:
+            cmd.options.append((option, None))
+        elif attached or kind == OPTIONAL:
+            cmd.options.append((option, attached or None))
+            return 0, None
+        elif rest:
+            cmd.options.append((option, rest[0]))
+            return 1, None
+        else:
+            cmd.options.append((option, None))
+            return 0, option
+    return 0, None
+

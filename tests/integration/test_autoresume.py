@@ -178,13 +178,14 @@ def test_slurmctld_unreachable_mid_step_does_not_stop_training(cluster, tmp_path
     assert (result["final_step"], result["attempt"]) == (20, 1), result
 
 
-def test_a_nodelist_naming_gone_nodes_runs_on_the_healthy_ones(cluster, tmp_path):
-    # -w names a node the job lost meanwhile (and one that never existed): the attempt's explicit
-    # node list is rebuilt from the job's healthy nodes.
+def test_a_nodelist_naming_unknown_nodes_is_refused(cluster, tmp_path):
+    # Issue 11: -w names a node that does not exist: the step can never run; refused with a clear
+    # message, never requeued (a node the job lost meanwhile is still replaced: the unit tests).
     job = cluster.sbatch("-N2", "--exclusive", "-o", str(tmp_path / "o.txt"), "--wrap",
                          "srun --auto-resume=1 -N2 -w n9,$(hostname) hostname")
-    assert finished(job) == "COMPLETED", (tmp_path / "o.txt").read_text()
-    assert len([line for line in (tmp_path / "o.txt").read_text().splitlines() if line.startswith("n")]) == 2
+    assert finished(job) == "FAILED", (tmp_path / "o.txt").read_text()
+    assert "-w names n9, unknown to Slurm" in (tmp_path / "o.txt").read_text()
+    assert job_field(job, "restart_count") == 0
 
 
 def test_without_n_the_step_shrinks_in_the_allocation(cluster, tmp_path):

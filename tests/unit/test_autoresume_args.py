@@ -1,12 +1,17 @@
 """srun command-line handling of the auto-resume shim, settings and attempt state."""
 from __future__ import annotations
 
+from typing import List, Optional, Tuple
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hpresilience.autoresume.allocation import why_bad
 from hpresilience.autoresume.settings import load_settings
 from hpresilience.autoresume.shim import find_real_srun
 from hpresilience.autoresume.srun_args import UsageError, parse
+from hpresilience.autoresume.srun_options import FLAG, OPTIONAL, OPTIONS, VALUE
 from hpresilience.autoresume.state import AttemptState
 from hpresilience.config import ConfigError
 from hpresilience.slurm import Node
@@ -45,6 +50,52 @@ def test_retry_replaces_node_selection_and_keeps_everything_else():
 def test_missing_option_value_is_an_error():
     with pytest.raises(UsageError, match="-N needs a value"):
         parse(["--auto-resume", "-N"])
+
+
+def test_without_our_flag_a_bad_srun_line_is_left_for_srun_to_reject():
+    # issue 11: the shim must exec srun with argv untouched when --auto-resume is absent.
+    cmd = parse(["-l", "-N"])
+    assert cmd.options == [("-l", None), ("-N", None)] and cmd.auto_resume is None
+
+
+@pytest.mark.parametrize("argv, options", [
+    # issue 11: optional-value options took `--auto-resume=1` (or the program) as their value.
+    (["--kill-on-bad-exit", "--auto-resume=1", "python", "t.py"], [("--kill-on-bad-exit", None)]),
+    (["--bcast", "--resv-ports", "--auto-resume", "python"], [("--bcast", None), ("--resv-ports", None)]),
+    (["-K", "--auto-resume", "python"], [("-K", None)]),
+    (["-K1", "--exclusive=user", "--auto-resume", "python"], [("-K", "1"), ("--exclusive", "user")]),
+    (["-lN2", "--auto-resume", "python"], [("-l", None), ("-N", "2")]),
+    (["-Kl", "--auto-resume", "python"], [("-K", "l")]),            # getopt: an attached optional value
+    (["--kill=0", "--nodel", "n1", "--auto-resume", "python"], [("--kill", "0"), ("--nodel", "n1")]),
+])
+def test_optional_values_never_take_the_next_word(argv, options):
+    cmd = parse(argv)
+    assert (cmd.options, cmd.auto_resume, cmd.program[0]) == (options, True, "python")
+
+
+def test_a_required_value_may_look_like_our_flag():
+    cmd = parse(["-J", "--auto-resume", "--comment", "--auto-resume=1", "python"])
+    assert cmd.auto_resume is None and cmd.value("--job-name") == "--auto-resume"
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--auto-resume", "--auto-resume=0", "hostname"], False),
+    (["--auto-resume=0", "--auto-resume", "hostname"], True),
+])
+def test_given_twice_the_last_auto_resume_wins(argv, flag):
+    cmd = parse(argv)
+    assert cmd.auto_resume is flag and cmd.argv() == ["hostname"]
+
+
+def test_any_spelling_of_a_node_option_is_replaced_on_a_retry():
+    cmd = parse(["--auto-resume", "--nodel=n[1-3]", "-N", "3", "--nodef=h.txt", "--tasks-per-node=2", "t.sh"])
+    assert (cmd.value("-w"), cmd.nodes) == ("n[1-3]", 3)
+    assert cmd.argv(["n1"]) == ["--tasks-per-node=2", "--nodes=1", "--nodelist=n1", "t.sh"]
+
+
+def test_rebuilt_argv_keeps_an_empty_value_and_a_dash_program():
+    cmd = parse(["-J", "", "--auto-resume=0", "--", "-prog", "x"])
+    assert cmd.argv() == ["-J", "", "--", "-prog", "x"]
 
 
 def test_settings_from_environment_and_bad_values(tmp_path):
@@ -115,3 +166,79 @@ def test_shell_shim_hands_over_argv_stdin_and_exit_status(tmp_path):
     assert (proc.returncode, proc.stdout) == (7, b"-N2|a b|--label|from stdin")
     alone = subprocess.run([str(SHIM), "x"], capture_output=True, env={"PATH": f"{SHIM.parent}:{tmp_path}"}, timeout=10)
     assert alone.returncode == 127 and b"no srun found" in alone.stderr
+
+
+# Hypothesis over generated command lines (issue 11), options drawn from the table in every form.
+Words = List[str]
+Given = List[Tuple[str, Optional[str]]]
+value_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=6)
+# Words a program (or a value) may hold that look like srun's options or ours.
+tricky = st.sampled_from(["--auto-resume", "--auto-resume=1", "--auto-resume=0", "--", "-N", "-K", "--bcast",
+                          "--kill-on-bad-exit", "-lN2", ":", "-", ""])
+SHORTS = {o.short: o.kind for o in OPTIONS.values() if o.short}
+
+
+@st.composite
+def long_option(draw) -> Tuple[Words, Given]:
+    name = draw(st.sampled_from(sorted(OPTIONS)))
+    kind, option = OPTIONS[name].kind, f"--{name}"
+    value = draw(st.one_of(value_text, tricky))
+    forms = {FLAG: [([option], None)],
+             OPTIONAL: [([option], None), ([f"{option}={value}"], value)],
+             VALUE: [([f"{option}={value}"], value), ([option, value], value)]}[kind]
+    words, given = draw(st.sampled_from(forms))
+    return words, [(option, given)]
+
+
+@st.composite
+def short_bundle(draw) -> Tuple[Words, Given]:
+    flags = draw(st.lists(st.sampled_from(sorted(k for k, v in SHORTS.items() if v == FLAG)), max_size=3))
+    given: Given = [(f"-{f}", None) for f in flags]
+    last = draw(st.one_of(st.none(), st.sampled_from(sorted(k for k, v in SHORTS.items() if v != FLAG))))
+    if last is None:
+        return ([f"-{''.join(flags)}"], given) if flags else ([], [])
+    value = draw(st.one_of(value_text, tricky))
+    word = f"-{''.join(flags)}{last}"
+    if value and (SHORTS[last] == OPTIONAL or draw(st.booleans())):
+        return [word + value], given + [(f"-{last}", value)]
+    if SHORTS[last] == OPTIONAL:
+        return [word], given + [(f"-{last}", None)]
+    return [word, value], given + [(f"-{last}", value)]
+
+
+ours = st.sampled_from([("--auto-resume", True), ("--auto-resume=1", True), ("--auto-resume=0", False),
+                        ("--auto-resume=3", True)])
+
+
+@st.composite
+def command_line(draw):
+    words: Words = []
+    given: Given = []
+    flag: Optional[bool] = None
+    for part in draw(st.lists(st.one_of(long_option(), short_bundle(), ours.map(lambda o: ([o[0]], o[1]))),
+                              max_size=8)):
+        part_words, meaning = part
+        words += part_words
+        if isinstance(meaning, bool):
+            flag = meaning                  # the last one wins
+        else:
+            given += meaning
+    dashes = draw(st.booleans())
+    first = draw(st.one_of(value_text, tricky) if dashes else
+                 value_text.filter(lambda w: w == "-" or not w.startswith("-")))
+    program = [first] + draw(st.lists(st.one_of(value_text, tricky, long_option().map(lambda o: o[0][0])),
+                                      max_size=5))
+    return words + (["--"] if dashes else []) + program, given, flag, program
+
+
+@given(command_line())
+def test_generated_command_lines_split_as_srun_splits_them(case):
+    argv, given, flag, program = case
+    before = list(argv)
+    cmd = parse(argv)
+    assert argv == before                   # the shim execs srun with this very list
+    assert cmd.program == program           # nothing of the program became an option value
+    assert cmd.options == given
+    assert cmd.auto_resume is flag          # found wherever srun takes options, never after the program
+    again = parse(cmd.argv())               # the rebuilt line means the same to srun, without our flag
+    assert (again.options, again.program, again.auto_resume) == (given, program, None)

@@ -1,0 +1,165 @@
+"""Attempt budgets of `srun --auto-resume` (issue 11, deliverable 2): one budget per step, requeues
+counted, steps that can never run refused. The real Runner and SlurmGateway over the in-memory Slurm
+model (tests/slurm_model.py); srun is a stand-in program that logs its argv and exits 0."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Tuple
+
+import pytest
+
+from hpresilience.autoresume.runner import AutoResumeError, Runner
+from hpresilience.autoresume.settings import AutoResumeSettings
+from hpresilience.autoresume.srun_args import parse
+from hpresilience.autoresume.state import AttemptState, JobRun, claim_step
+from hpresilience.slurm import NodeState, SlurmGateway
+from tests.slurm_model import SlurmModel
+
+
+@dataclass
+class BatchJob:
+    """One batch job on the model; `srun` is one `srun --auto-resume ...` line of its script."""
+    model: SlurmModel
+    job_id: int
+    tmp: Path
+
+    @property
+    def state_dir(self) -> Path:
+        return self.tmp / "state"
+
+    def srun(self, *argv: str) -> Tuple[int, str]:
+        fake = self.tmp / "srun"
+        if not fake.exists():
+            fake.write_text(f'#!/bin/sh\necho "$@" >> {self.tmp / "srun.log"}\nexit 0\n')
+            fake.chmod(0o755)
+        job = self.model.job(self.job_id)
+        env = {"PATH": os.environ["PATH"], "SLURM_JOB_ID": str(self.job_id),
+               "SLURM_RESTART_COUNT": str(job.restart_count)}
+        settings = AutoResumeSettings(state_dir=str(self.state_dir), poll_seconds=0.05, failure_wait_seconds=0)
+        err = io.StringIO()
+        runner = Runner(parse(["--auto-resume", *argv]), settings, str(fake), gateway=SlurmGateway(self.model),
+                        env=env, err=err, sleep=self.model.sleep)
+        return runner.run(), err.getvalue()
+
+    def events(self, kind: str) -> List[dict]:
+        path = self.state_dir / f"auto-resume-{self.job_id}.events.jsonl"
+        return [e for e in map(json.loads, path.read_text().splitlines()) if e["event"] == kind]
+
+    def requeues(self) -> int:
+        return sum(1 for w in self.model.writes if w.op == "requeue" and w.target == str(self.job_id))
+
+    def restart(self) -> None:
+        """After a requeue: the job is made eligible (as the controller does) and starts again."""
+        SlurmGateway(self.model).update_job(self.job_id, now=True)
+        self.model.tick()
+        assert self.model.job(self.job_id).is_running
+
+
+def batch_job(tmp_path: Path, nodes: str = "n[1-2]", cluster: str = "n[1-4]") -> BatchJob:
+    model = SlurmModel(cluster)
+    return BatchJob(model, model.submit(nodes, requeue=True), tmp_path)
+
+
+# --------------------------------------------------------------- defect 1: one budget per step
+def test_a_fourth_successful_step_of_one_job_runs(tmp_path):
+    job = batch_job(tmp_path)
+    # The same command four times (a loop in the script): the old job-wide budget refused the fourth.
+    assert [job.srun("-N1", "true")[0] for _ in range(4)] == [0, 0, 0, 0]
+    started = job.events("attempt_started")
+    assert len(started) == 4 and len({e["step"] for e in started}) == 4
+    assert {e["attempt"] for e in started} == {1}
+
+
+def test_a_step_keeps_its_budget_across_a_requeue_even_when_the_script_skips_a_stage(tmp_path):
+    job = batch_job(tmp_path)
+    assert job.srun("-N1", "prepare.sh")[0] == 0
+    SlurmGateway(job.model).set_state("n1", NodeState.FAIL, "Action: Replace; XID 79")
+    job.srun("-N2", "train.sh")               # too few healthy nodes: requeued, its first attempt
+    job.restart()
+    # The re-run script skips the finished stage: train.sh is still the same step, at its second attempt.
+    assert job.srun("-N2", "train.sh")[0] == 0
+    (requeue,), (started,) = job.events("requeue"), job.events("attempt_started")[1:]
+    assert started["step"] == requeue["step"] and started["attempt"] == 2
+
+
+def test_a_finished_step_run_again_after_a_requeue_gets_a_fresh_budget(tmp_path):
+    job = batch_job(tmp_path)
+    runs = AutoResumeSettings().max_attempts + 1
+    for _ in range(runs):
+        assert job.srun("-N1", "prepare.sh")[0] == 0
+        SlurmGateway(job.model).requeue(job.job_id)   # a later step of the script needed a requeue
+        job.restart()
+    started = job.events("attempt_started")
+    assert len(started) == runs and {e["attempt"] for e in started} == {1}
+
+
+def test_concurrent_steps_of_one_job_get_distinct_identities(tmp_path):
+    run = JobRun(7, restart_count=0, submit_time=1.0)
+    start = threading.Barrier(8)
+    found: List[str] = []
+
+    def claim(argv: List[str]) -> None:
+        start.wait()
+        found.append(claim_step(tmp_path, run, argv))
+
+    threads = [threading.Thread(target=claim, args=(["-N1", "train.sh", str(i % 2)],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(found)) == 8
+    assert sorted(s.split(".")[1] for s in found) == ["0", "0", "1", "1", "2", "2", "3", "3"]
+    # The next run of the script (a requeue) hands out the same identities again.
+    again = JobRun(7, restart_count=1, submit_time=2.0)
+    assert claim_step(tmp_path, again, ["-N1", "train.sh", "0"]) in found
+
+
+def test_attempt_state_is_per_step(tmp_path):
+    one = AttemptState.load(tmp_path, 42, "abc.0")
+    one.attempts = 3
+    one.save(tmp_path)
+    assert AttemptState.load(tmp_path, 42, "abc.1").attempts == 0
+    assert AttemptState.load(tmp_path, 42, "abc.0").attempts == 3
+
+
+# --------------------------------------------------------------- defect 2: requeues are attempts
+def test_requeues_for_lack_of_healthy_nodes_use_up_the_budget(tmp_path):
+    job = batch_job(tmp_path, nodes="n[1-4]", cluster="n[1-12]")
+    for _ in range(6):
+        # Each run of the script finds one of its nodes failed before the step starts.
+        victim = job.model.job(job.job_id).nodes[0]
+        SlurmGateway(job.model).set_state(victim, NodeState.FAIL, "Action: Replace; XID 79")
+        code, err = job.srun("-N4", "train.sh")
+        if job.model.job(job.job_id).state != "PENDING":
+            break
+        job.restart()
+    assert job.requeues() == 2          # max_attempts 3: two requeues, then none would be left to run
+    assert code == 1 and job.model.job(job.job_id).is_running
+    assert "would use the last of 3 attempts" in err
+    assert job.events("gave_up")[-1]["reason"] == "attempts used up"
+
+
+# --------------------------------------------------------------- defect 3: steps that can never run
+@pytest.mark.parametrize("argv, message", [
+    (["-N4", "train.sh"], "asks for 4 nodes (-N) but job 1000 holds 2"),
+    (["-N1", "-w", "n9", "train.sh"], "-w names n9, unknown to Slurm"),
+    (["-N1", "--nodelist=n3", "train.sh"], "-w names n3, not in job 1000's allocation (n[1-2])"),
+])
+def test_a_step_that_can_never_run_is_refused_without_a_requeue(tmp_path, argv, message):
+    job = batch_job(tmp_path)
+    with pytest.raises(AutoResumeError, match=re.escape(message)):
+        job.srun(*argv)
+    assert message in job.events("refused")[0]["why"]
+    assert job.requeues() == 0 and not (tmp_path / "srun.log").exists()
+
+
+def test_a_nodelist_inside_the_job_picks_the_nodes(tmp_path):
+    job = batch_job(tmp_path)
+    assert job.srun("-N1", "-w", "n2", "train.sh")[0] == 0
+    assert "--nodelist=n2" in (tmp_path / "srun.log").read_text()
