@@ -69,9 +69,7 @@ def claim_step(directory: Path, run: JobRun, argv: Sequence[str]) -> str:
 @dataclass
 class AttemptState:
     job_id: int
-    # claim_step's identity; "" is the whole job, kept for callers from before per-step
-    # budgets (issue 11) until tests/unit/test_autoresume_args.py passes a step.
-    step: str = ""
+    step: str                                # claim_step's identity: one budget per step (issue 11)
     submit_time: Optional[float] = None      # tells this job from an older one with the same id
     attempts: int = 0                        # attempts of this step so far, requeues included
     requeues: int = 0
@@ -79,11 +77,11 @@ class AttemptState:
     history: List[dict] = field(default_factory=list)
 
     @staticmethod
-    def path(directory: Path, job_id: int, step: str = "") -> Path:
-        return directory / (f"auto-resume-{job_id}-{step}.json" if step else f"auto-resume-{job_id}.json")
+    def path(directory: Path, job_id: int, step: str) -> Path:
+        return directory / f"auto-resume-{job_id}-{step}.json"
 
     @classmethod
-    def load(cls, directory: Path, job_id: int, step: str = "") -> AttemptState:
+    def load(cls, directory: Path, job_id: int, step: str) -> AttemptState:
         path = cls.path(directory, job_id, step)
         try:
             data = json.loads(path.read_text())

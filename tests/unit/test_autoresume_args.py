@@ -114,16 +114,16 @@ def test_settings_from_environment_and_bad_values(tmp_path):
 
 
 def test_attempt_state_survives_a_reload_and_rejects_garbage(tmp_path):
-    state = AttemptState.load(tmp_path, 42)
+    state = AttemptState.load(tmp_path, 42, "abc.0")
     assert state.attempts == 0
     state.attempts = 2
     state.note("requeue", why="batch host failed")
     state.save(tmp_path)
-    again = AttemptState.load(tmp_path, 42)
+    again = AttemptState.load(tmp_path, 42, "abc.0")
     assert again.attempts == 2 and again.history[0]["event"] == "requeue"
-    AttemptState.path(tmp_path, 43).write_text("{not json")
+    AttemptState.path(tmp_path, 43, "abc.0").write_text("{not json")
     with pytest.raises(ValueError, match="unreadable auto-resume state"):
-        AttemptState.load(tmp_path, 43)
+        AttemptState.load(tmp_path, 43, "abc.0")
 
 
 @pytest.mark.parametrize("node, bad", [
