@@ -404,6 +404,14 @@ class Runner:
         return self._requeue(alloc, state, why)
 
     def _requeue(self, alloc: Allocation, state: AttemptState, why: str) -> int:
+        restarts = int(self.env.get("SLURM_RESTART_COUNT") or 0)
+        if restarts >= self.settings.max_requeues:
+            # Job-wide, so no step identity can reset it (issue 11 review: an argv that changes on every
+            # run, `--resume=ckpt$SLURM_RESTART_COUNT`, got a fresh budget and requeued without end).
+            self.report.say(f"cannot continue in this allocation ({why}) and job {self.job_id} was requeued "
+                            f"{restarts} times already (max_requeues {self.settings.max_requeues}); not requeueing")
+            self.report.event("gave_up", reason="requeues used up", why=why, requeues=restarts)
+            return 1
         if not alloc.job.requeue:
             self.report.say(f"cannot continue in this allocation ({why}) and job {self.job_id} is not "
                             "requeueable: submit it with --requeue (slurm_plugins/job_submit.lua does this)")

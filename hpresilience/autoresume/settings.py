@@ -25,6 +25,8 @@ DEFAULT_FILE = Path("/etc/hpresilience/auto-resume.toml")
 @dataclass
 class AutoResumeSettings:
     max_attempts: int = 3                 # step attempts in all, across requeues (the first run counts)
+    max_requeues: int = 6                 # requeues of the job in all, whatever its steps (a step whose argv
+                                          # changes on every run gets a fresh budget each time: issue 11 review)
     poll_seconds: float = 1.0             # how often the job's nodes are read while a step runs
     stop_grace_seconds: float = 10.0      # SIGTERM → SIGKILL when a node of the step fails
     failure_wait_seconds: float = 30.0    # after a step failed, how long Slurm may take to show a bad node
@@ -35,8 +37,8 @@ class AutoResumeSettings:
     real_srun: Optional[str] = None       # default: the first srun on PATH that is not this shim
 
     def validate(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts must be >= 1")
+        if self.max_attempts < 1 or self.max_requeues < 0:
+            raise ValueError("max_attempts must be >= 1 and max_requeues >= 0")
         if self.poll_seconds <= 0 or self.stop_grace_seconds < 0 or self.failure_wait_seconds < 0:
             raise ValueError("poll_seconds must be > 0, stop_grace_seconds and failure_wait_seconds >= 0")
         if not 1 <= self.master_port <= 65000:
@@ -50,6 +52,7 @@ class _File:
 
 _ENV = {
     "HPR_AUTO_RESUME_MAX_ATTEMPTS": ("max_attempts", int),
+    "HPR_AUTO_RESUME_MAX_REQUEUES": ("max_requeues", int),
     "HPR_AUTO_RESUME_POLL_SECONDS": ("poll_seconds", float),
     "HPR_AUTO_RESUME_STOP_GRACE_SECONDS": ("stop_grace_seconds", float),
     "HPR_AUTO_RESUME_FAILURE_WAIT_SECONDS": ("failure_wait_seconds", float),

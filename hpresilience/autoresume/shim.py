@@ -62,7 +62,7 @@ def main(argv: List[str]) -> int:
     configure(level="warning", json=True)
     try:
         return Runner(cmd, settings, real).run()
-    except AutoResumeError as e:
+    except (AutoResumeError, UsageError) as e:   # UsageError: e.g. a node count srun reads, we cannot
         print(f"[auto-resume] {e}", file=sys.stderr)
         return 2
     except SlurmError as e:

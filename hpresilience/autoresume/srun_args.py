@@ -154,9 +154,26 @@ def parse(argv: List[str]) -> SrunCommand:
         else:
             taken, missing = _shorts(cmd, arg, argv[i + 1:])
         i += 1 + taken
-    if missing and cmd.auto_resume is not None:
-        raise UsageError(f"{missing} needs a value")
+    if cmd.auto_resume is not None:
+        if missing:
+            raise UsageError(f"{missing} needs a value")
+        unsure = [o for o, v in cmd.options if o.startswith("--") and "=" not in o and v is None and _ambiguous(o)]
+        if unsure:
+            # Issue 11 review: `--par debug` is --partition to srun 22.05 but matches several options
+            # across Slurm releases; read as a flag, the retry would run `debug` as the program.
+            raise UsageError(f"{unsure[0]} is an abbreviation of more than one srun option across Slurm "
+                             "releases: spell the option out")
     return cmd
+
+
+def _ambiguous(option: str) -> bool:
+    """A long option written as a prefix that more than one option of the table starts with.
+
+    >>> _ambiguous("--par"), _ambiguous("--partition"), _ambiguous("--nodel")
+    (True, False, False)
+    """
+    name = option[2:]
+    return name not in OPTIONS and len({_canonical(n) for n in OPTIONS if n.startswith(name)}) > 1
 
 
 def _long(cmd: SrunCommand, arg: str, rest: List[str]) -> Tuple[int, Optional[str]]:

@@ -25,6 +25,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,12 +45,17 @@ class JobRun:
 
 @contextlib.contextmanager
 def job_lock(directory: Path, job_id: int) -> Iterator[None]:
-    with open(directory / f"auto-resume-{job_id}.lock", "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    # Read-only is enough for flock: a lock file left by another user (a reused job id in a
+    # shared state directory) can still be locked (issue 11 review).
+    fd = os.open(directory / f"auto-resume-{job_id}.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def claim_step(directory: Path, run: JobRun, argv: Sequence[str]) -> str:

@@ -242,3 +242,12 @@ def test_generated_command_lines_split_as_srun_splits_them(case):
     assert cmd.auto_resume is flag          # found wherever srun takes options, never after the program
     again = parse(cmd.argv())               # the rebuilt line means the same to srun, without our flag
     assert (again.options, again.program, again.auto_resume) == (given, program, None)
+
+
+def test_an_abbreviation_of_several_options_is_refused_with_auto_resume():
+    """Review of issue 11: `--par debug` is --partition to srun 22.05 but several options across
+    releases start with `par`; read as a flag, the retry would have run `debug` as the program."""
+    with pytest.raises(UsageError, match="--par is an abbreviation of more than one srun option"):
+        parse(["--auto-resume", "--par", "debug", "-N2", "python"])
+    assert parse(["--par=debug", "--auto-resume", "python"]).auto_resume    # attached: unambiguous
+    assert parse(["--par", "debug", "python"]).auto_resume is None          # no flag: srun reads it

@@ -145,6 +145,22 @@ def test_requeues_for_lack_of_healthy_nodes_use_up_the_budget(tmp_path):
     assert job.events("gave_up")[-1]["reason"] == "attempts used up"
 
 
+def test_a_step_whose_argv_changes_every_run_still_stops_requeueing(tmp_path):
+    """Review of issue 11: `--resume=ckpt$SLURM_RESTART_COUNT` makes a new step identity (a fresh
+    budget) on every run; the job-wide max_requeues (6) still ends the requeues."""
+    job = batch_job(tmp_path, nodes="n[1-4]", cluster="n[1-30]")
+    for _ in range(12):
+        victim = job.model.job(job.job_id).nodes[0]
+        SlurmGateway(job.model).set_state(victim, NodeState.FAIL, "Action: Replace; XID 79")
+        code, err = job.srun("-N4", "train.sh", f"--resume=ckpt{job.model.job(job.job_id).restart_count}")
+        if job.model.job(job.job_id).state != "PENDING":
+            break
+        job.restart()
+    assert job.requeues() == 6 and code == 1
+    assert "requeued 6 times already (max_requeues 6)" in err
+    assert job.events("gave_up")[-1]["reason"] == "requeues used up"
+
+
 # --------------------------------------------------------------- defect 3: steps that can never run
 @pytest.mark.parametrize("argv, message", [
     (["-N4", "train.sh"], "asks for 4 nodes (-N) but job 1000 holds 2"),
