@@ -52,8 +52,10 @@ class ControllerProc:
                        "timeout_seconds": 30},
             # The deep-check gate (issue 10) with the node's own agent.toml, inside the node (`exec`: its
             # fake GPUs and fake dcgmi, as on a real node), as `testcluster up --controller` configures it.
+            # Off unless a test turns it on (GATE): the gate adds ~2 s per workflow and has its own tests.
             "deepcheck": {"command": [*tc, "exec", "{node}", "--", str(HPRESILIENCE), "deepcheck", "--json", "--level",
-                                      "{level}", "--config", f"{c.dir}/nodes/{{node}}/agent.toml"]},
+                                      "{level}", "--config", f"{c.dir}/nodes/{{node}}/agent.toml"],
+                          "after_reboot": "none", "after_power_cycle": "none", "after_replace": "none"},
             "provider": {"type": "command", "replace": [*tc, "replace", "{node}"],
                          "power_cycle": [*tc, "_power_cycle", "{node}"], "timeout_seconds": 60, "attempts": 2,
                          "retry_delay_seconds": 0.5},
@@ -146,11 +148,14 @@ def in_service(node: str) -> bool:
 
 
 # ----------------------------------------------------------------- scenarios
+GATE = {"after_reboot": "quick", "after_power_cycle": "quick", "after_replace": "full"}
+
+
 def test_admin_reboot_ends_rebooted_idle_and_clear(cl, ctl):
     gw = SlurmGateway()
     boot_before = gw.node("n2").boot_time
     reboots = count_lines(cl.dir / "nodes" / "n2" / "reboots.log")
-    c = ctl().start()
+    c = ctl(deepcheck=GATE).start()
     scontrol("update", "nodename=n2", "state=fail", "reason=Action: Reboot")
     wf = c.wait_finished("n2")
     assert wf.status == "done", wf
@@ -184,7 +189,7 @@ def test_a_replaced_node_whose_dcgm_diagnostic_fails_is_not_released(cl, ctl):
     replacements = count_lines(cl.dir / "nodes" / "n4" / "replacements.log")
     cl.tc("dcgmi", "n4", "--replay", str(FAILING_DCGM), "--exit", "226", "--keep-on-replace")
     try:
-        c = ctl().start()
+        c = ctl(deepcheck=GATE).start()
         scontrol("update", "nodename=n4", "state=fail", "reason=Action: Replace")
         wf = c.wait_finished("n4", timeout=120)
         assert (wf.action, wf.status) == ("replace", "failed"), wf
