@@ -25,6 +25,7 @@ def node_facts(config: AgentConfig, no_slurm: bool) -> NodeFacts:
     we cannot tell whether jobs would be disturbed."""
     from ..agent.daemon import agent_gateway
     from ..agent.node import node_name
+    from ..deepcheck.check import in_job_script
     from ..deepcheck.suite import NodeFacts
     name = node_name(config.agent.node_name)
     expected = config.nvml.expected_gpus
@@ -32,8 +33,7 @@ def node_facts(config: AgentConfig, no_slurm: bool) -> NodeFacts:
         return NodeFacts(name=name, gpu_count=expected)
     # In a prolog or epilog the node is this job's: no need to list every job of the cluster from
     # every node at every job start (issue 10 review: slurmctld load).
-    in_job_script = os.environ.get("SLURM_SCRIPT_CONTEXT", "") in ("prolog_slurmd", "epilog_slurmd")
-    node = agent_gateway().node(name, with_jobs=not in_job_script)
+    node = agent_gateway().node(name, with_jobs=not in_job_script(os.environ))
     own = os.environ.get("SLURM_JOB_ID")  # a prolog/epilog or an srun in our reservation: its own job
     jobs = tuple(j for j in node.jobs if str(j) != own)
     return NodeFacts(name=name, partitions=node.partitions, features=node.features,

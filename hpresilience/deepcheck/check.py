@@ -53,6 +53,16 @@ class Check(abc.ABC):
         """Pure: the verdict on `observed` under `params`."""
 
 
+def in_job_script(env: Mapping[str, str]) -> bool:
+    """Run by slurmd as a job's prolog or epilog: in slurmd's context, outside the job's cgroup,
+    on a node that is this job's alone.
+
+    >>> in_job_script({"SLURM_SCRIPT_CONTEXT": "epilog_slurmd"}), in_job_script({"SLURM_JOB_ID": "7"})
+    (True, False)
+    """
+    return env.get("SLURM_SCRIPT_CONTEXT", "") in ("prolog_slurmd", "epilog_slurmd")
+
+
 def per_level(value: Any, level: Level) -> Any:
     """A parameter given per level as a table {quick = .., standard = .., full = ..}, or one value for all.
 

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ...agent.monitor import MonitorError
 from ...agent.monitors.nvml import GpuStatus, NvmlConfig, NvmlMonitor, NvmlSnapshot
-from ..check import Check, Context, CouldNotRun
+from ..check import Check, Context, CouldNotRun, in_job_script
 from ..result import Status, Verdict
 
 # Where the expected count came from, as the summary says it.
@@ -63,7 +63,7 @@ def in_step_without_gpus(env: Mapping[str, str]) -> bool:
     >>> in_step_without_gpus({"SLURM_JOB_ID": "7", "SLURM_SCRIPT_CONTEXT": "prolog_slurmd"})
     False
     """
-    if env.get("SLURM_SCRIPT_CONTEXT", "") in ("prolog_slurmd", "epilog_slurmd"):
+    if in_job_script(env):
         return False
     return "SLURM_JOB_ID" in env and not any(env.get(v) for v in _GPU_ALLOCATION_VARS)
 
