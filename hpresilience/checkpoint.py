@@ -18,6 +18,9 @@ the marker lists; partial, unmarked, corrupt or truncated ones are skipped and l
 The module needs neither torch nor Slurm; it does not coordinate ranks: in a
 DistributedDataParallel job only rank 0 should call `save` (see docs/checkpoints.md).
 
+`heartbeat(step)`, called every training step, tells `srun --auto-resume` the step is
+still advancing (its hang detection, issue 11); outside `srun --auto-resume` it does nothing.
+
 >>> CheckpointDir("/ckpt").name_for(1200)
 'step-000001200'
 >>> CheckpointDir("/ckpt", prefix="").parse_name("000000042")
@@ -28,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import operator
 import os
 import re
 import shutil
@@ -36,7 +40,7 @@ import stat
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import structlog
 
@@ -51,6 +55,9 @@ REPLACED_PREFIX = ".replaced-"  # the old copy of a step being saved again, for 
 TRASH_PREFIX = ".trash-"        # a checkpoint being removed (pruned or replaced)
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+PROGRESS_FILE_ENV = "HPR_PROGRESS_FILE"   # set by `srun --auto-resume` for each attempt (issue 11)
+HEARTBEAT_MIN_INTERVAL = 1.0              # seconds between two heartbeat writes of one process
 
 
 class CheckpointError(Exception):
@@ -321,6 +328,83 @@ class CheckpointDir:
             log.warning("checkpoint.partial_removed", path=str(path), age_seconds=round(age, 1))
             handled.append(path)
         return handled
+
+
+# ---------------------------------------------------------------------- heartbeat
+class Heartbeat:
+    """Writes ``{"step", "at", "host", "pid"}`` to `path`, at most once per `min_interval`
+    seconds (the first beat always writes): cheap enough to call at every training step.
+
+    The file is replaced atomically (a temporary file renamed over it), so a reader never
+    sees half a heartbeat; nothing is fsynced: it is a liveness hint read while the job
+    runs, and one lost to a power cut is worth nothing anyway. A write that fails (the
+    directory is gone, the disk is full) is logged once and otherwise ignored: a heartbeat
+    must never kill the training it reports on."""
+
+    def __init__(self, path: PathLike, min_interval: float = HEARTBEAT_MIN_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic):
+        self.path = Path(path)
+        self.min_interval = min_interval
+        self.clock = clock
+        self._last: Optional[float] = None
+        self._warned = False
+        self._host = socket.gethostname()
+        # Unique per host and process: ranks on several nodes may beat into one shared file.
+        self._tmp = self.path.with_name(f".{self.path.name}.{self._host}.{os.getpid()}.tmp")
+
+    def beat(self, step: int) -> bool:
+        """Record `step`; True when the file was written now, False when skipped or failed."""
+        step = _heartbeat_step(step)
+        now = self.clock()
+        if self._last is not None and now - self._last < self.min_interval:
+            return False
+        self._last = now
+        data = json.dumps({"step": step, "at": round(time.time(), 3), "host": self._host, "pid": os.getpid()})
+        try:
+            self._tmp.write_text(data)
+            os.replace(self._tmp, self.path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                self._tmp.unlink()      # half written (disk full): no litter next to the heartbeat
+            if not self._warned:
+                self._warned = True
+                log.warning("checkpoint.heartbeat_failed", path=str(self.path), error=str(e),
+                            note="training goes on; hang detection sees no heartbeat (logged once)")
+            return False
+        return True
+
+
+_heartbeats: Dict[str, Heartbeat] = {}   # by $HPR_PROGRESS_FILE's text: one per process in practice
+
+
+def heartbeat(step: int) -> None:
+    """Tell `srun --auto-resume` that training reached `step` (a non-negative int); call it
+    every step, from rank 0 (any rank may: they all write the same file).
+
+    Writes to the file named by $HPR_PROGRESS_FILE, at most once a second per process;
+    with the variable unset (not under `srun --auto-resume`) it only checks `step`.
+    Never raises for an unwritable file (see `Heartbeat`)."""
+    step = _heartbeat_step(step)
+    path = os.environ.get(PROGRESS_FILE_ENV)
+    if not path:
+        return
+    beats = _heartbeats.get(path)
+    if beats is None:
+        beats = _heartbeats[path] = Heartbeat(path)
+    beats.beat(step)
+
+
+def _heartbeat_step(step: object) -> int:
+    """`step` as an int: numpy and torch integers are fine, bools, floats and negatives are not."""
+    if isinstance(step, bool):
+        raise TypeError(f"step must be a non-negative integer, not {step!r}")
+    try:
+        value = operator.index(step)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"step must be a non-negative integer, not {type(step).__name__} {step!r}") from None
+    if value < 0:
+        raise ValueError(f"step must be a non-negative integer, not {value}")
+    return value
 
 
 # ---------------------------------------------------------------------- helpers

@@ -31,8 +31,10 @@ What it models, following what docs/testcluster.md, docs/controller.md and BRIEF
 
 Not modelled: CPUs/memory (a non-exclusive job makes a node MIXED, an exclusive one ALLOCATED), job arrays,
 GRES scheduling, partitions' limits, --no-kill, accounting, cancel_reboot, HealthCheckProgram, the extern and
-batch steps, the jobs srun creates, and Slurm 23.02+ changes. Assumptions where the docs are silent are
-marked "assumed" below. Not thread-safe beyond one lock around every public call.
+batch steps, the jobs srun creates, and Slurm 23.02+ changes but one: with version=(25, 11, 0),
+`submit(expedite=True)` is `sbatch --requeue=expedite`, requeued with no delay (read in 25.11's source, not
+run). Assumptions where the docs are silent are marked "assumed" below.
+Not thread-safe beyond one lock around every public call.
 """
 from __future__ import annotations
 
@@ -119,6 +121,7 @@ class _Job:
     restarts: int = 0
     steps: Dict[str, Step] = field(default_factory=dict)
     next_step: int = 0
+    expedite: bool = False                       # sbatch --requeue=expedite (25.11+)
 
 
 @dataclass
@@ -237,14 +240,18 @@ class SlurmModel:
 
     @_locked
     def submit(self, nodes: str, user: str = "alice", requeue: bool = False, exclusive: bool = True,
-               comment: str = "", name: str = "job", partition: str = "train", gres: Sequence[str] = ()) -> int:
-        """A batch job running on `nodes` now; ValueError if they could not take it (a test bug)."""
+               comment: str = "", name: str = "job", partition: str = "train", gres: Sequence[str] = (),
+               expedite: bool = False) -> int:
+        """A batch job running on `nodes` now; ValueError if they could not take it (a test bug).
+        expedite: `sbatch --requeue=expedite`, which only 25.11+ knows."""
+        if expedite and self.slurm_version[:2] < (25, 11):
+            raise ValueError("sbatch: --requeue takes no argument before Slurm 25.11")
         names = expand(nodes)
         unfit = [n for n in names if n not in self._nodes or not self._fits(self._nodes[n], exclusive)]
         if unfit:
             raise ValueError(f"cannot run a job on {fold(unfit)}: unknown, busy or out of service")
         job = _Job(self._next_job, name, user, sorted(names), len(names), requeue, exclusive, comment, partition,
-                   tuple(gres), submit=self._t, start=self._t, eligible=self._t)
+                   tuple(gres), submit=self._t, start=self._t, eligible=self._t, expedite=expedite)
         self._jobs[job.job_id] = job
         self._next_job += 1
         return job.job_id
@@ -359,6 +366,15 @@ class SlurmModel:
         self._reachable(["squeue", "--states=PD"])
         return [RequeuedJob(j.job_id, j.restarts, j.comment) for j in self._jobs.values()
                 if j.state == "PENDING" and j.reason == "BeginTime" and j.restarts >= 1]
+
+    @_locked
+    def job_comment(self, job_id: int) -> str:
+        return self._get_job(job_id, ["squeue", f"--jobs={job_id}", "--Format=JobID:|,Comment:|"]).comment
+
+    @_locked
+    def expedited_requeue(self, job_id: int) -> bool:
+        """`scontrol show job` says ExpeditedRequeue=Yes (only 25.11+ has the flag)."""
+        return self._get_job(job_id, ["scontrol", "-o", "show", "job", str(job_id)]).expedite
 
     @_locked
     def show_steps(self, job_id: int) -> List[Step]:
@@ -746,6 +762,8 @@ class SlurmModel:
         job.nodes, job.start = [], None
         job.restarts += 1
         job.eligible = self._t + REQUEUE_DELAY_SECONDS
+        if job.expedite:  # 25.11 batch_requeue_fini(): BeginTime 0, eligible at once (read, not run)
+            job.reason, job.eligible = None, self._t
 
     def _schedule(self) -> None:
         """Start eligible pending jobs on the first free nodes by name; else they wait for Resources."""

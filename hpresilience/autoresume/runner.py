@@ -5,9 +5,16 @@ requeue the job (a fresh allocation), up to max_attempts in all.
 A failed step is retried only when a node of it is bad in Slurm's eyes
 (FAIL/DRAIN/DOWN/NOT_RESPONDING or an `Action:` reason): a step that failed on
 healthy nodes is the application's error and its exit status is passed on.
+
+Hang detection (opt-in, `hang_seconds`): a step whose progress signals (the
+heartbeat `hpresilience.checkpoint.heartbeat` writes, the newest checkpoint) stay
+still that long on healthy nodes is stopped, its nodes get the quick node check,
+the ones that fail it are dropped, and the step is retried; a stall with no
+progress since the previous stall ends the job (issue 11, deliverable 5).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -20,11 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable, Dict, List, Mapping, Optional, Set
 
-from ..checkpoint import CheckpointDir
+from ..checkpoint import PROGRESS_FILE_ENV, CheckpointDir
 from ..slurm import CommandRunner, JobNotFound, NodeNotFound, ScontrolBackend, SlurmError, SlurmGateway
 from ..slurm.hostlist import expand, fold
-from ..slurm.reason import EXPEDITE_MARK
 from .allocation import Allocation, step_env, why_bad
+from .node_check import check_nodes
+from .progress import Progress, ProgressWatch, attempt_heartbeat_file
 from .settings import AutoResumeSettings, state_dir
 from .srun_args import SrunCommand
 from .state import AttemptState, JobRun, claim_step
@@ -51,6 +59,8 @@ class StepOutcome:
     signalled: bool = False                                       # we were told to stop (scancel, timeout)
     nodes: List[str] = field(default_factory=list)
     steps_before: Set[str] = field(default_factory=set)           # the job's steps before this one started
+    stalled: Optional[str] = None                                 # why the progress watch stopped the step
+    progress: Progress = field(default_factory=Progress)          # how far the step got (hang detection)
 
 
 class Reporter:
@@ -152,6 +162,12 @@ class Runner:
                                prefix=self.settings.checkpoint_prefix).latest()
         return latest.step if latest else None
 
+    def _checkpoints_gone(self, state: AttemptState) -> bool:
+        """The checkpoint directory had a checkpoint at an attempt's start and is not there now
+        (deleted, unmounted): progress can no longer be judged by it (issue 11, bad input)."""
+        return (self.settings.checkpoint_dir is not None and state.last_checkpoint_step is not None
+                and not Path(self.settings.checkpoint_dir).is_dir())
+
     # -------------------------------------------------------------------- run
     def run(self) -> int:
         alloc = Allocation.read(self.gateway, self.job_id)
@@ -198,11 +214,12 @@ class Runner:
             env.update(self._resized_env(alloc, nodes))
             env.update(step_env(alloc, nodes, state.attempts, maximum,
                                 int(self.env.get("MASTER_PORT") or self.settings.master_port + state.attempts - 1)))
+            watch = self._progress_watch(state, env)
             self.report.say(f"attempt {state.attempts} of {maximum} on {fold(nodes)} "
                             f"(MASTER_ADDR={env['MASTER_ADDR']} MASTER_PORT={env['MASTER_PORT']})")
             self.report.event("attempt_started", attempt=state.attempts, nodes=fold(nodes),
                               master_addr=env["MASTER_ADDR"], checkpoint=state.last_checkpoint_step)
-            outcome = self._run_step(self.cmd.argv(nodes), env, nodes)
+            outcome = self._run_step(self.cmd.argv(nodes), env, nodes, watch)
             if outcome.returncode == 0:
                 self.report.event("step_succeeded", attempt=state.attempts)
                 state.note("succeeded", attempt=state.attempts)
@@ -212,16 +229,22 @@ class Runner:
                 self.report.say(f"stopped by signal; exit {outcome.returncode}, not retried")
                 self.report.event("stopped", returncode=outcome.returncode)
                 return outcome.returncode
-            bad = self._attribute(outcome, nodes)
-            if not bad:
-                self.report.say(f"the step failed with exit {outcome.returncode} on healthy nodes "
-                                f"({fold(nodes)}): an application error, not retried")
-                self.report.event("application_error", returncode=outcome.returncode, nodes=fold(nodes))
-                return outcome.returncode
-            self.report.say("node failure: " + "; ".join(f"{n}: {why}" for n, why in sorted(bad.items())))
-            self.report.event("node_failure", nodes=sorted(bad), why=bad, returncode=outcome.returncode)
-            if self._no_progress(state):
-                return outcome.returncode
+            if outcome.stalled:
+                found = self._after_stall(state, outcome, env)
+                if found is None:
+                    return outcome.returncode or 1
+                bad = found
+            else:
+                bad = self._attribute(outcome, nodes)
+                if not bad:
+                    self.report.say(f"the step failed with exit {outcome.returncode} on healthy nodes "
+                                    f"({fold(nodes)}): an application error, not retried")
+                    self.report.event("application_error", returncode=outcome.returncode, nodes=fold(nodes))
+                    return outcome.returncode
+                self.report.say("node failure: " + "; ".join(f"{n}: {why}" for n, why in sorted(bad.items())))
+                self.report.event("node_failure", nodes=sorted(bad), why=bad, returncode=outcome.returncode)
+                if self._no_progress(state):
+                    return outcome.returncode
             if state.attempts >= maximum:
                 self.report.say(f"attempts used up ({state.attempts} of {maximum}); exit {outcome.returncode}")
                 self.report.event("gave_up", reason="attempts used up", attempts=state.attempts)
@@ -231,17 +254,59 @@ class Runner:
             drop = [n.name for n in alloc.nodes if n.name not in keep]
             # An explicit -N keeps the step's size; without one the step runs on what the job holds.
             needed = self.cmd.nodes or 1
-            in_place = (len(keep) >= needed and alloc.job.batch_host in keep and not alloc.job.gres)
+            in_place = (len(keep) >= needed and alloc.job.batch_host in keep and not (drop and alloc.job.gres))
             if not in_place:
                 why = ("the batch host failed" if alloc.job.batch_host not in keep else
-                       "GRES jobs cannot be shrunk" if alloc.job.gres else
+                       "Slurm cannot shrink a job with GRES" if alloc.job.gres else
                        f"{len(keep)} healthy nodes left, the step needs {needed}")
                 return self._requeue(alloc, state, why)
-            self.gateway.update_job(self.job_id, nodelist=keep)
-            self.report.say(f"dropped {fold(drop)} from job {self.job_id} (the controller can repair them); "
-                            f"new node list {fold(keep)}")
-            self.report.event("nodes_released", dropped=fold(drop), nodelist=fold(keep))
+            if drop:
+                self.gateway.update_job(self.job_id, nodelist=keep)
+                self.report.say(f"dropped {fold(drop)} from job {self.job_id} (the controller can repair them); "
+                                f"new node list {fold(keep)}")
+                self.report.event("nodes_released", dropped=fold(drop), nodelist=fold(keep))
             self._clear_steps(outcome.steps_before)
+
+    # ------------------------------------------------------------ hang detection
+    def _progress_watch(self, state: AttemptState, env: Dict[str, str]) -> Optional[ProgressWatch]:
+        """The attempt's progress watch (hang detection on), with a fresh heartbeat file in
+        its environment: a dying task of the last attempt beats into its own, unwatched one."""
+        if self.settings.hang_seconds is None:
+            return None
+        beat = attempt_heartbeat_file(self.dir, self.job_id, state.step, state.attempts)
+        env[PROGRESS_FILE_ENV] = str(beat)
+        checkpoints = Path(self.settings.checkpoint_dir) if self.settings.checkpoint_dir else None
+        return ProgressWatch(beat, checkpoints, self.settings.checkpoint_prefix, self.settings.hang_seconds,
+                             self.settings.hang_startup_seconds)
+
+    def _after_stall(self, state: AttemptState, outcome: StepOutcome,
+                     env: Dict[str, str]) -> Optional[Dict[str, str]]:
+        """After a stalled step was stopped: None ends the job (no progress since the last
+        stall: retrying would only hang again), else the nodes the quick check failed."""
+        previous = Progress(**state.stall_progress) if state.stall_progress is not None else None
+        state.stall_progress = dataclasses.asdict(outcome.progress)
+        state.note("stalled", why=outcome.stalled, progress=state.stall_progress)
+        state.save(self.dir)
+        self.report.event("stalled", why=outcome.stalled, progress=state.stall_progress)
+        if previous is not None and not outcome.progress.beyond(previous):
+            self.report.say(f"the step stalled again with no progress since the last stall ({outcome.stalled}); "
+                            "not retrying")
+            self.report.event("gave_up", reason="stalled again without progress", progress=state.stall_progress)
+            return None
+        # The stopped step must be gone before the check's srun can have its nodes.
+        self._clear_steps(outcome.steps_before)
+        self.report.say(f"running the quick node check on {fold(outcome.nodes)}")
+        check = check_nodes(self.real_srun, outcome.nodes, env, self.settings.node_check_timeout_seconds,
+                            self.settings.node_check_argv())
+        self._clear_steps(outcome.steps_before)   # a check srun killed at its timeout can leave its step
+        self.report.event("node_check", passed=check.passed, failed=check.failed, unknown=check.unknown)
+        for node, why in sorted(check.unknown.items()):
+            self.report.say(f"{node}: no verdict from the node check, kept ({why})")
+        if check.failed:
+            self.report.say("the node check failed: " + "; ".join(f"{n}: {w}" for n, w in sorted(check.failed.items())))
+        else:
+            self.report.say("no node failed the check: retrying on the same nodes")
+        return check.failed
 
     def _choose(self, healthy: List[str], wanted: int) -> List[str]:
         """The user's -w nodes first while healthy, then other healthy nodes, in job order."""
@@ -256,7 +321,8 @@ class Runner:
                 "SLURM_JOB_NUM_NODES": str(len(alloc.nodes)), "SLURM_NNODES": str(len(alloc.nodes))}
 
     # --------------------------------------------------------------- the step
-    def _run_step(self, argv: List[str], env: Dict[str, str], nodes: List[str]) -> StepOutcome:
+    def _run_step(self, argv: List[str], env: Dict[str, str], nodes: List[str],
+                  watch: Optional[ProgressWatch] = None) -> StepOutcome:
         before = self._step_ids()
         outcome = StepOutcome(returncode=1, nodes=nodes, steps_before=before)
         proc = subprocess.Popen([self.real_srun, *argv], env=env, stderr=subprocess.PIPE)
@@ -282,6 +348,16 @@ class Runner:
                     outcome.stopped_for = bad
                     self.report.say("stopping the step: " + "; ".join(f"{n}: {w}" for n, w in sorted(bad.items())))
                     self.report.event("step_stopping", nodes=sorted(bad), why=bad)
+                elif watch is not None:
+                    for warning in watch.warnings():
+                        self.report.say(warning)
+                        self.report.event("progress_warning", text=warning)
+                    outcome.stalled = watch.poll()
+                    outcome.progress = watch.progress
+                    if outcome.stalled:
+                        self.report.say(f"stopping the step: it stalled on healthy nodes: {outcome.stalled}")
+                        self.report.event("step_stopping", nodes=[], why=outcome.stalled)
+                if bad or outcome.stalled:
                     self._terminate_step(proc, before)
                     stop_sent = time.monotonic()
         finally:
@@ -381,6 +457,12 @@ class Runner:
     def _no_progress(self, state: AttemptState) -> bool:
         if state.attempts < 2 or state.last_checkpoint_step is None and not self.settings.checkpoint_dir:
             return False
+        if self._checkpoints_gone(state):
+            # Not "no progress": we cannot tell. The attempt budget still bounds the retries.
+            self.report.say(f"the checkpoint directory {self.settings.checkpoint_dir} is gone (it held step "
+                            f"{state.last_checkpoint_step}); progress cannot be judged, retrying within the budget")
+            self.report.event("checkpoints_gone", path=self.settings.checkpoint_dir)
+            return False
         now = self._checkpoint_step()
         if now is not None and (state.last_checkpoint_step is None or now > state.last_checkpoint_step):
             return False
@@ -422,10 +504,9 @@ class Runner:
         self.report.say(f"requeueing job {self.job_id}: {why}; the job restarts on a fresh allocation "
                         f"and this step continues at attempt {state.attempts + 1} of {self.settings.max_attempts}")
         self.report.event("requeue", why=why, attempt=state.attempts)
-        comment = alloc.job.extra.get("Comment") or ""
-        if EXPEDITE_MARK not in comment:
-            self.gateway.update_job(self.job_id, comment=f"{EXPEDITE_MARK} {comment}".strip())
-        self.gateway.requeue(self.job_id)
+        # Eligible at once: Slurm's own expedited requeue where the job has it (25.11+), else our
+        # comment mark for the controller, the user's comment kept (issue 11, deliverable 6).
+        self.gateway.requeue(self.job_id, expedite=True)
         # Slurm now kills this batch script, and us with it; nothing is left to race.
         self.sleep(120)
         self.report.say("still running 120 s after the requeue; giving up")

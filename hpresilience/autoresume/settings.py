@@ -5,17 +5,20 @@
     max_attempts = 3
 
 Environment (wins over the file): HPR_AUTO_RESUME_MAX_ATTEMPTS,
-HPR_AUTO_RESUME_POLL_SECONDS, HPR_AUTO_RESUME_STOP_GRACE_SECONDS,
-HPR_AUTO_RESUME_FAILURE_WAIT_SECONDS, HPR_CHECKPOINT_DIR, HPR_STATE_DIR,
+HPR_AUTO_RESUME_MAX_REQUEUES, HPR_AUTO_RESUME_POLL_SECONDS, HPR_AUTO_RESUME_STOP_GRACE_SECONDS,
+HPR_AUTO_RESUME_FAILURE_WAIT_SECONDS, HPR_AUTO_RESUME_HANG_SECONDS,
+HPR_AUTO_RESUME_HANG_STARTUP_SECONDS, HPR_AUTO_RESUME_NODE_CHECK_TIMEOUT_SECONDS,
+HPR_AUTO_RESUME_NODE_CHECK_COMMAND, HPR_CHECKPOINT_DIR, HPR_STATE_DIR,
 HPR_MASTER_PORT, HPR_REAL_SRUN.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import List, Mapping, Optional
 
 from ..config import ConfigError, load_dataclass, read_toml
 
@@ -35,6 +38,13 @@ class AutoResumeSettings:
     state_dir: Optional[str] = None       # default: $SLURM_SUBMIT_DIR/.hpresilience (must survive a requeue)
     master_port: int = 29500              # MASTER_PORT of attempt 1; +1 per attempt (no TIME_WAIT clash)
     real_srun: Optional[str] = None       # default: the first srun on PATH that is not this shim
+    # Hang detection (issue 11), opt-in: a step whose heartbeat and newest checkpoint both stay
+    # still this long is stopped, its nodes get the quick check, and it is retried. With only
+    # checkpoints as the signal, it must exceed the time between two checkpoints.
+    hang_seconds: Optional[float] = None
+    hang_startup_seconds: float = 600.0   # before the first progress signal of an attempt (imports, loading)
+    node_check_timeout_seconds: float = 300.0
+    node_check_command: Optional[str] = None   # shell words; default: hpresilience deepcheck --level quick --json
 
     def validate(self) -> None:
         if self.max_attempts < 1 or self.max_requeues < 0:
@@ -43,6 +53,23 @@ class AutoResumeSettings:
             raise ValueError("poll_seconds must be > 0, stop_grace_seconds and failure_wait_seconds >= 0")
         if not 1 <= self.master_port <= 65000:
             raise ValueError(f"master_port {self.master_port} is not a usable port")
+        if self.hang_seconds is not None and not self.hang_seconds > 0:
+            raise ValueError(f"hang_seconds must be > 0 (or unset: no hang detection), not {self.hang_seconds}")
+        if not self.hang_startup_seconds > 0 or not self.node_check_timeout_seconds > 0:
+            raise ValueError("hang_startup_seconds and node_check_timeout_seconds must be > 0")
+        self.node_check_argv()
+
+    def node_check_argv(self) -> Optional[List[str]]:
+        """node_check_command split into words; None: the default command (node_check.default_command)."""
+        if self.node_check_command is None:
+            return None
+        try:
+            words = shlex.split(self.node_check_command)
+        except ValueError as e:
+            raise ValueError(f"node_check_command {self.node_check_command!r}: {e}") from None
+        if not words:
+            raise ValueError("node_check_command is empty (unset it for the default quick check)")
+        return words
 
 
 @dataclass
@@ -56,6 +83,10 @@ _ENV = {
     "HPR_AUTO_RESUME_POLL_SECONDS": ("poll_seconds", float),
     "HPR_AUTO_RESUME_STOP_GRACE_SECONDS": ("stop_grace_seconds", float),
     "HPR_AUTO_RESUME_FAILURE_WAIT_SECONDS": ("failure_wait_seconds", float),
+    "HPR_AUTO_RESUME_HANG_SECONDS": ("hang_seconds", float),
+    "HPR_AUTO_RESUME_HANG_STARTUP_SECONDS": ("hang_startup_seconds", float),
+    "HPR_AUTO_RESUME_NODE_CHECK_TIMEOUT_SECONDS": ("node_check_timeout_seconds", float),
+    "HPR_AUTO_RESUME_NODE_CHECK_COMMAND": ("node_check_command", str),
     "HPR_CHECKPOINT_DIR": ("checkpoint_dir", str),
     "HPR_STATE_DIR": ("state_dir", str),
     "HPR_MASTER_PORT": ("master_port", int),

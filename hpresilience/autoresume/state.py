@@ -80,6 +80,8 @@ class AttemptState:
     attempts: int = 0                        # attempts of this step so far, requeues included
     requeues: int = 0
     last_checkpoint_step: Optional[int] = None   # newest checkpoint when the last attempt started
+    stall_progress: Optional[dict] = None        # Progress at the last stall (hang detection): a stall
+                                                 # with none since ends the job, across requeues too
     history: List[dict] = field(default_factory=list)
 
     @staticmethod

@@ -9,19 +9,26 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from typing import List, Optional, Protocol, Sequence, Tuple
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
-from .errors import SlurmCommandError, SlurmNotInstalled
+from .errors import JobNotFound, SlurmCommandError, SlurmNotInstalled
 from .models import Job, Node, RequeuedJob, Reservation, Step, StepResult
 from .runner import CommandRunner, Target
 from .scontrol_parse import (
-    parse_jobs,
+    JOB_TABLE_FIELDS,
+    USER_TEXT_FIELDS,
+    has_expedited_requeue,
+    job_from_record,
+    parse_job_table,
     parse_nodes,
     parse_pending_jobs,
     parse_reservations,
     parse_slurm_user,
     parse_steps,
+    parse_user_text_one,
+    parse_user_text_table,
     parse_version,
+    squeue_format,
 )
 
 STEP_OUTPUT_LIMIT = 64 * 1024  # a check's output is a few lines; garbage is cut, not buffered
@@ -35,6 +42,8 @@ class SlurmBackend(Protocol):
     def update_nodes(self, nodes: str, state: str, reason: Optional[str]) -> None: ...
     def reboot_nodes(self, nodes: str, asap: bool, next_state: Optional[str], reason: Optional[str]) -> None: ...
     def requeue_job(self, job_id: int) -> None: ...
+    def job_comment(self, job_id: int) -> str: ...
+    def expedited_requeue(self, job_id: int) -> bool: ...
     def update_job(self, job_id: int, fields: List[Tuple[str, str]]) -> None: ...
     def show_reservations(self) -> List[Reservation]: ...
     def create_reservation(self, fields: List[Tuple[str, str]]) -> None: ...
@@ -70,11 +79,45 @@ class ScontrolBackend:
         return parse_nodes(self._run(*args, target=Target(node=nodes)))
 
     def show_jobs(self, job_id: Optional[int] = None) -> List[Job]:
-        args = ["-o", "show", "job"] + ([str(job_id)] if job_id is not None else [])
-        out = self._run(*args, target=Target(job=str(job_id) if job_id is not None else None))
-        if out.strip() == "No jobs in the system":
-            return []
-        return parse_jobs(out)
+        """Jobs in any state, read so that no user text can forge a field (issue 11, deliverable 6):
+        what only Slurm writes from one `squeue` table, then the job name, and for one job also its
+        Comment, WorkDir and StdOut, each field in a read of its own (see
+        scontrol_parse.parse_user_text_table). All jobs come without Comment, WorkDir and StdOut:
+        a busy cluster's comments are megabytes that no caller of jobs() reads."""
+        records = parse_job_table(self._squeue([f for f, _ in JOB_TABLE_FIELDS], job_id))
+        job_ids = [int(r["JobId"]) for r in records]
+        for field in ["Name"] if job_id is None else list(USER_TEXT_FIELDS):
+            values = self._user_text(field, job_ids, shared=job_id is None)
+            for record, one in zip(records, job_ids):
+                if one in values:
+                    record[USER_TEXT_FIELDS[field]] = values[one]
+        return [job_from_record(r) for r in records]
+
+    def _squeue(self, fields: List[str], job_id: Optional[int]) -> str:
+        args = ["squeue", "--noheader", "--all", "--states=all", squeue_format(fields)]
+        args += [f"--jobs={job_id}"] if job_id is not None else []
+        return self.runner.run(args, Target(job=str(job_id) if job_id is not None else None))
+
+    def _user_text(self, field: str, job_ids: List[int], shared: bool) -> Dict[int, str]:
+        """One user-text field of these jobs: from one table of all jobs where no other job's text
+        can have forged a line (shared), and alone for each job left (newlines in its own value, a
+        line forged for it)."""
+        found = parse_user_text_table(self._squeue(["JobID", field], None), set(job_ids)) if shared else {}
+        for job_id in (j for j in job_ids if j not in found):
+            try:
+                found[job_id] = parse_user_text_one(self._squeue(["JobID", field], job_id), job_id)
+            except JobNotFound:
+                continue  # gone meanwhile
+        return found
+
+    def job_comment(self, job_id: int) -> str:
+        """The job's own Comment, all of it ("" for none)."""
+        return parse_user_text_one(self._squeue(["JobID", "Comment"], job_id), job_id)
+
+    def expedited_requeue(self, job_id: int) -> bool:
+        """Submitted with --requeue=expedite: Slurm 25.11+ shows ExpeditedRequeue=Yes in `scontrol show job`."""
+        out = self._run("-o", "show", "job", str(job_id), target=Target(job=str(job_id)))
+        return has_expedited_requeue(out)
 
     def update_nodes(self, nodes: str, state: str, reason: Optional[str]) -> None:
         args = ["update", f"nodename={nodes}", f"state={state}"] + ([f"reason={reason}"] if reason else [])
@@ -147,10 +190,8 @@ class ScontrolBackend:
             if reason != "BeginTime" or restarts < 1:
                 continue
             try:
-                comment = self.runner.run(["squeue", "--noheader", f"--jobs={job_id}", "--Format=Comment:"],
-                                          Target(job=str(job_id)))
-            except SlurmCommandError:
-                continue  # gone meanwhile (started, cancelled)
-            comment = comment.rstrip("\n").strip()
-            found.append(RequeuedJob(job_id, restarts, "" if comment == "(null)" else comment))
+                comment = self.job_comment(job_id)
+            except JobNotFound:
+                continue  # gone meanwhile (purged)
+            found.append(RequeuedJob(job_id, restarts, comment))
         return found

@@ -12,6 +12,7 @@ import dataclasses
 import datetime as dt
 import enum
 import math
+import re
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import structlog
@@ -20,9 +21,30 @@ from .backend import ScontrolBackend, SlurmBackend
 from .errors import JobNotFound, NodeNotFound, SlurmCommandError, SlurmError
 from .hostlist import Nodes, expand, fold
 from .models import Job, Node, RequeuedJob, Reservation, Step, StepResult
-from .reason import ActionReason, sanitize_reason
+from .reason import EXPEDITE_MARK, ActionReason, sanitize_reason
 
 log = structlog.get_logger(__name__)
+
+
+def with_expedite_mark(comment: str) -> str:
+    """The comment with EXPEDITE_MARK in front, once; the user's text after it exactly as it was.
+
+    >>> with_expedite_mark("keep  this"), with_expedite_mark("hpr-expedite keep"), with_expedite_mark("")
+    ('hpr-expedite keep  this', 'hpr-expedite keep', 'hpr-expedite')
+    """
+    if EXPEDITE_MARK in comment.split():
+        return comment
+    return f"{EXPEDITE_MARK} {comment}" if comment else EXPEDITE_MARK
+
+
+def without_expedite_mark(comment: str) -> str:
+    r"""The comment without the EXPEDITE_MARK word(s); the rest exactly as it was.
+
+    >>> without_expedite_mark("hpr-expedite keep\n this"), without_expedite_mark("hpr-expedite")
+    ('keep\n this', '')
+    """
+    return re.sub(rf"(?<!\S){re.escape(EXPEDITE_MARK)}(?:\s|$)", "", comment)
+
 
 OLDEST_SUPPORTED = (22, 5)
 NEWEST_TESTED = (25, 11)
@@ -166,9 +188,25 @@ class SlurmGateway:
         self.backend.signal_step(step_id, signal_name)
         log.info("slurm.signal_step", step=step_id, signal=signal_name)
 
-    def requeue(self, job_id: int) -> None:
-        self.backend.requeue_job(int(job_id))
-        log.info("slurm.requeue", job=int(job_id))
+    def requeue(self, job_id: int, expedite: bool = False) -> None:
+        """`scontrol requeue JOB`. expedite=True: the job should be eligible again at once, not after
+        the requeue delay (~121 s). Slurm 25.11+ does that itself for a job submitted with
+        --requeue=expedite; any other job (and every job before 25.11) first gets EXPEDITE_MARK in
+        front of its Comment, and `hpresilience controller` then resets its StartTime
+        (controller/expedite.py). The user's own comment is kept exactly, and never marked twice."""
+        job_id = int(job_id)
+        if expedite and not self._slurm_expedites(job_id):
+            comment = self.backend.job_comment(job_id)   # the job's own, read so no other text forges it
+            marked = with_expedite_mark(comment)
+            if marked != comment:
+                self.backend.update_job(job_id, [("Comment", marked)])
+        self.backend.requeue_job(job_id)
+        log.info("slurm.requeue", job=job_id, expedite=expedite)
+
+    def _slurm_expedites(self, job_id: int) -> bool:
+        """Slurm makes this job eligible at once after a requeue (25.11+, submitted --requeue=expedite;
+        accepted only where SlurmctldParameters=enable_expedited_requeue)."""
+        return not self.requeue_has_delay and self.backend.expedited_requeue(job_id)
 
     def update_job(self, job_id: int, nodelist: Optional[Nodes] = None,
                    start_time: Optional[dt.datetime] = None, now: bool = False,
@@ -183,12 +221,12 @@ class SlurmGateway:
         elif start_time is not None:
             fields.append(("StartTime", start_time.astimezone().strftime("%Y-%m-%dT%H:%M:%S")))
         if comment is not None:
-            fields.append(("Comment", sanitize_reason(comment)))
+            # As given: a comment is the user's text, newlines and all (issue 11), in one argv word.
+            fields.append(("Comment", comment))
         if not fields:
             raise ValueError("update_job needs nodelist, start_time, now or comment")
         self.backend.update_job(int(job_id), fields)
         log.info("slurm.update_job", job=int(job_id), fields=dict(fields))
-
 
     # ------------------------------------------------------------ reservations
     def reservations(self) -> List[Reservation]:

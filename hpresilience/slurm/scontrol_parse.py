@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Dict, List, Optional, Tuple
+from collections import Counter
+from typing import Collection, Dict, List, Optional, Sequence, Tuple
 
 from .errors import ParseError
 from .hostlist import expand_or_empty
@@ -181,6 +182,107 @@ def job_from_record(r: Dict[str, str]) -> Job:
         std_out=_opt(r.get("StdOut")),
         extra=r,
     )
+
+
+# `squeue --Format` fields that only Slurm writes (ids, states, node names, times, numbers), with the
+# `scontrol show job` key each stands for, so that job_from_record reads both. A line of these cannot
+# be forged by user text (issue 11, deliverable 6): `scontrol -o show job` prints the job name, comment,
+# command and paths raw, newlines included (measured on 22.05: `sbatch -J 'x NodeList=n9'` showed
+# NodeList=n9 first, and a newline in -J or --comment printed a second "JobId=999 ..." line).
+# Not read: ExcNodeList (squeue 22.05 has no --Format field for it).
+JOB_TABLE_FIELDS: Tuple[Tuple[str, str], ...] = (
+    ("JobID", "JobId"), ("ArrayJobID", "ArrayJobId"), ("ArrayTaskID", "ArrayTaskId"), ("State", "JobState"),
+    ("UserName", "UserId"), ("Partition", "Partition"), ("NodeList", "NodeList"),
+    ("ReqNodes", "ReqNodeList"), ("BatchHost", "BatchHost"), ("BatchFlag", "BatchFlag"), ("NumNodes", "NumNodes"),
+    ("OverSubscribe", "OverSubscribe"), ("Requeue", "Requeue"), ("RestartCnt", "Restarts"),
+    ("tres-per-node", "TresPerNode"), ("SubmitTime", "SubmitTime"), ("StartTime", "StartTime"),
+    ("EligibleTime", "EligibleTime"), ("exit_code", "ExitCode"),
+    # Last: an admin's or Slurm's own text (state_desc) may stand here instead of a reason word.
+    ("Reason", "Reason"))
+# squeue's name for each user-text field we read, with its `scontrol show job` key.
+USER_TEXT_FIELDS: Dict[str, str] = {"Name": "JobName", "Comment": "Comment", "WorkDir": "WorkDir",
+                                    "STDOUT": "StdOut"}
+
+
+def squeue_format(fields: Sequence[str]) -> str:
+    """--Format with each field unpadded and followed by "|" ("F:|")."""
+    return "--Format=" + ",".join(f"{f}:|" for f in fields)
+
+
+def _exit_code(value: str) -> str:
+    """squeue 22.05 prints the raw wait status (768), later ones "3:0" like scontrol: give "exit:signal"."""
+    if not value.isdigit():
+        return value
+    status = int(value)
+    return f"{status >> 8}:{status & 0x7F}"
+
+
+def parse_job_table(text: str) -> List[Dict[str, str]]:
+    r"""Records (scontrol keys) from `squeue --noheader` with squeue_format(JOB_TABLE_FIELDS).
+
+    >>> r = parse_job_table("7|7|N/A|RUNNING|bob|train|n[1-2]||n1|1|2|NO|1|0|N/A|2026-01-01T00:00:00|"
+    ...     "2026-01-01T00:00:01|2026-01-01T00:00:00|768|held: a|b|\n")[0]
+    >>> r["ExitCode"], r["Reason"]
+    ('3:0', 'held: a|b')
+    """
+    records = []
+    for line in text.splitlines():
+        values = line[:-1].split("|", len(JOB_TABLE_FIELDS) - 1) if line.endswith("|") else []
+        if len(values) != len(JOB_TABLE_FIELDS) or not values[0].isdigit():
+            raise ParseError("squeue job line", line)   # no field here is user text: never expected
+        record = {key: value.strip() for (_, key), value in zip(JOB_TABLE_FIELDS, values)}
+        if _opt(record["ArrayTaskId"]) is None:
+            del record["ArrayJobId"], record["ArrayTaskId"]   # squeue gives a plain job its own id
+        record["ExitCode"] = _exit_code(record["ExitCode"])
+        records.append(record)
+    return records
+
+
+def parse_user_text_table(text: str, job_ids: Collection[int]) -> Dict[int, str]:
+    r"""One user-text field of the jobs `job_ids` (read from a table only Slurm writes), from lines
+    "ID|value|" (squeue_format(["JobID", FIELD])).
+
+    Each job's own line starts a line, whatever its value; a value with a newline runs on over the
+    next lines, which can look like other jobs' lines. So a job's value is taken only when its line
+    is the one line that starts with its id, ends with "|", and is followed by nothing or by the one
+    line of another job: a value that ran on, or a line forged for a job, leaves that job out, for
+    the caller to read alone.
+
+    >>> parse_user_text_table("1|x|\n2|a|\n2|evil|\n3|b|c|\n4|d|\n5|\n6|e|\n", {1, 2, 3, 4, 6})
+    {3: 'b|c', 6: 'e'}
+    """
+    lines = text.splitlines()
+    ids = [line.partition("|")[0] for line in lines]
+    count = Counter(int(i) for i in ids if i.isdigit())
+
+    def alone(i: str) -> bool:
+        return i.isdigit() and int(i) in job_ids and count[int(i)] == 1
+
+    return {int(ids[n]): line[len(ids[n]) + 1:-1] for n, line in enumerate(lines)
+            if alone(ids[n]) and line.endswith("|") and len(line) > len(ids[n]) and
+            (n + 1 == len(lines) or alone(ids[n + 1]))}
+
+
+def parse_user_text_one(text: str, job_id: int) -> str:
+    r"""One user-text field of one job (`squeue --jobs=ID`, squeue_format(["JobID", FIELD])): all of it
+    is that job's, newlines and separators included; "(null)" (no value) is "".
+
+    >>> parse_user_text_one("5|a\nJobId=9 b|\n", 5)
+    'a\nJobId=9 b'
+    """
+    prefix = f"{job_id}|"
+    body = text[:-1] if text.endswith("\n") else text
+    if not body.startswith(prefix) or not body.endswith("|"):
+        raise ParseError(f"squeue line of job {job_id}", text[:200])
+    value = body[len(prefix):-1]
+    return "" if value == "(null)" else value
+
+
+def has_expedited_requeue(text: str) -> bool:
+    """Whether `scontrol -o show job ID` (Slurm 25.11+) shows ExpeditedRequeue=Yes: the job was submitted
+    with --requeue=expedite. Its own name or comment could fake this, which only changes how its own
+    requeue is made eligible at once (by Slurm, not by our comment mark)."""
+    return re.search(r"(?:^|\s)ExpeditedRequeue=Yes(?:\s|$)", text) is not None
 
 
 def parse_nodes(text: str) -> List[Node]:

@@ -13,7 +13,15 @@ import pytest
 from click.testing import CliRunner
 from structlog.testing import capture_logs
 
-from hpresilience.checkpoint import MARKER, Checkpoint, CheckpointDir, CheckpointError
+from hpresilience.checkpoint import (
+    MARKER,
+    PROGRESS_FILE_ENV,
+    Checkpoint,
+    CheckpointDir,
+    CheckpointError,
+    Heartbeat,
+    heartbeat,
+)
 from hpresilience.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -316,3 +324,61 @@ def test_cli_nothing_to_find(tmp_path):
     (tmp_path / "file").write_text("")
     result = run("latest", str(tmp_path / "file"))
     assert result.exit_code == 2 and "not a directory" in result.stderr
+
+
+# ---------------------------------------------------------------- heartbeat (issue 11, hang detection)
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def beat_step(path: Path) -> int:
+    return json.loads(path.read_text())["step"]
+
+
+def test_heartbeat_writes_the_first_beat_then_at_most_once_per_interval(tmp_path):
+    clock, path = FakeClock(), tmp_path / "hb.json"
+    beats = Heartbeat(path, min_interval=1.0, clock=clock)
+    assert beats.beat(1) is True
+    data = json.loads(path.read_text())
+    assert data["step"] == 1 and data["pid"] == os.getpid() and data["host"] and data["at"] > 0
+    clock.now += 0.5
+    assert beats.beat(2) is False and beat_step(path) == 1    # within the interval: no write
+    clock.now += 0.5
+    assert beats.beat(3) is True and beat_step(path) == 3
+    assert names(tmp_path) == ["hb.json"]                     # the temporary file was renamed over it
+
+
+def test_heartbeat_follows_the_environment(tmp_path, monkeypatch):
+    path = tmp_path / "hb.json"
+    monkeypatch.setenv(PROGRESS_FILE_ENV, str(path))
+    heartbeat(7)
+    assert beat_step(path) == 7
+    monkeypatch.delenv(PROGRESS_FILE_ENV)
+    path.unlink()
+    with pytest.raises(ValueError):       # it ran (it checked the step) ...
+        heartbeat(-1)
+    heartbeat(8)
+    assert names(tmp_path) == []          # ... and wrote nothing without the variable
+
+
+@pytest.mark.parametrize("step, error", [(1.5, TypeError), ("3", TypeError), (True, TypeError), (None, TypeError),
+                                         (-1, ValueError)])
+def test_heartbeat_refuses_a_bad_step(tmp_path, step, error):
+    with pytest.raises(error, match="non-negative integer"):
+        Heartbeat(tmp_path / "hb.json").beat(step)
+    assert names(tmp_path) == []
+
+
+def test_heartbeat_never_raises_on_an_unwritable_file_and_warns_once(tmp_path):
+    clock = FakeClock()
+    beats = Heartbeat(tmp_path / "gone" / "hb.json", clock=clock)
+    with capture_logs() as logs:
+        assert beats.beat(1) is False
+        clock.now += 5
+        assert beats.beat(2) is False
+    assert [e["event"] for e in logs] == ["checkpoint.heartbeat_failed"]
