@@ -122,6 +122,7 @@ class _Job:
     steps: Dict[str, Step] = field(default_factory=dict)
     next_step: int = 0
     expedite: bool = False                       # sbatch --requeue=expedite (25.11+)
+    no_kill: bool = False                        # sbatch --no-kill: a DOWN node leaves the job, the job runs on
 
 
 @dataclass
@@ -178,6 +179,7 @@ class SlurmModel:
         self.hang_reboots: Set[str] = set()      # nodes whose reboots and power-ups never come back
         self.controller_down = False             # slurmctld unreachable: every call raises SlurmUnavailable
         self.reboot_program = True               # RebootProgram configured
+        self.shrinks_gres_jobs = True            # 22.05 shrinks a GRES job (verified, issue 11); False: refuses
         self.writes: List[Write] = []
         self.steps_run: List[StepRun] = []
         self._t = 0.0
@@ -241,7 +243,7 @@ class SlurmModel:
     @_locked
     def submit(self, nodes: str, user: str = "alice", requeue: bool = False, exclusive: bool = True,
                comment: str = "", name: str = "job", partition: str = "train", gres: Sequence[str] = (),
-               expedite: bool = False) -> int:
+               expedite: bool = False, no_kill: bool = False) -> int:
         """A batch job running on `nodes` now; ValueError if they could not take it (a test bug).
         expedite: `sbatch --requeue=expedite`, which only 25.11+ knows."""
         if expedite and self.slurm_version[:2] < (25, 11):
@@ -251,7 +253,7 @@ class SlurmModel:
         if unfit:
             raise ValueError(f"cannot run a job on {fold(unfit)}: unknown, busy or out of service")
         job = _Job(self._next_job, name, user, sorted(names), len(names), requeue, exclusive, comment, partition,
-                   tuple(gres), submit=self._t, start=self._t, eligible=self._t, expedite=expedite)
+                   tuple(gres), submit=self._t, start=self._t, eligible=self._t, expedite=expedite, no_kill=no_kill)
         self._jobs[job.job_id] = job
         self._next_job += 1
         return job.job_id
@@ -518,6 +520,8 @@ class SlurmModel:
             names = expand(value)
             if not names or not set(names) <= set(job.nodes):
                 self._fail(argv, "Requested node configuration is not available", target)
+            if job.gres and not self.shrinks_gres_jobs:   # assumed wording of a Slurm that refuses
+                self._fail(argv, "Job resizing is not supported for jobs with GRES", target)
         elif key == "StartTime":
             if job.state != "PENDING":
                 self._fail(argv, "Job is no longer pending execution", target)
@@ -543,6 +547,8 @@ class SlurmModel:
             self._fail(argv, f"scancel: error: Kill job error on job id {step_id}: Invalid job id specified",
                        Target(job=step_id))
         self.writes.append(Write(self.now, self.user, "signal_step", step_id, {"signal": signal_name}))
+        if job.no_kill and set(job.steps[step_id].nodes) - set(job.nodes):
+            return   # the ghost of a --no-kill job's dead node: scancel says nothing, the step stays
         if signal_name.upper().removeprefix("SIG") in ("KILL", "TERM", "INT"):
             del job.steps[step_id]
 
@@ -751,6 +757,12 @@ class SlurmModel:
 
     def _kill_jobs(self, rec: _Node) -> None:
         for job in self._jobs_on(rec, active=False):  # a COMPLETING job is done already
+            if job.no_kill:
+                # Measured on 22.05 (issue 11): the node leaves the job, which runs on; a step that had
+                # the node stays RUNNING on it for good (a ghost no signal removes, see signal_step).
+                job.nodes = [n for n in job.nodes if n != rec.name]
+                job.num_nodes = len(job.nodes)
+                continue
             if job.requeue:
                 self._requeue(job)
             else:

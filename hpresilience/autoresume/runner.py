@@ -30,6 +30,7 @@ from typing import IO, Callable, Dict, List, Mapping, Optional, Set
 from ..checkpoint import PROGRESS_FILE_ENV, CheckpointDir
 from ..slurm import CommandRunner, JobNotFound, NodeNotFound, ScontrolBackend, SlurmError, SlurmGateway
 from ..slurm.hostlist import expand, fold
+from ..slurm.models import Step
 from .allocation import Allocation, step_env, why_bad
 from .node_check import check_nodes
 from .progress import Progress, ProgressWatch, attempt_heartbeat_file
@@ -37,6 +38,7 @@ from .settings import AutoResumeSettings, state_dir
 from .srun_args import SrunCommand
 from .state import AttemptState, JobRun, claim_step
 
+GHOST_SECONDS = 5.0   # a killed step still there this long on a node that left the job never goes
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
                      signal.SIGCONT, signal.SIGTSTP)
 # srun's words when the step died with a node rather than with the program: Slurm may
@@ -98,6 +100,9 @@ class Runner:
             raise AutoResumeError("--auto-resume works inside an allocation (an sbatch script or salloc): "
                                   "SLURM_JOB_ID is not set")
         self.job_id = int(job)
+        if not cmd.program:
+            # srun would say "No command given to execute" on every attempt (issue 11, bad input).
+            raise AutoResumeError("no program to run: srun --auto-resume [srun options] PROGRAM [ARGS...]")
         self.dir = state_dir(settings, self.env)
         self.dir.mkdir(parents=True, exist_ok=True)
         # Run Slurm's tools in the state dir: shrinking a job makes scontrol write
@@ -254,18 +259,26 @@ class Runner:
             drop = [n.name for n in alloc.nodes if n.name not in keep]
             # An explicit -N keeps the step's size; without one the step runs on what the job holds.
             needed = self.cmd.nodes or 1
-            in_place = (len(keep) >= needed and alloc.job.batch_host in keep and not (drop and alloc.job.gres))
-            if not in_place:
+            if len(keep) < needed or alloc.job.batch_host not in keep:
                 why = ("the batch host failed" if alloc.job.batch_host not in keep else
-                       "Slurm cannot shrink a job with GRES" if alloc.job.gres else
                        f"{len(keep)} healthy nodes left, the step needs {needed}")
                 return self._requeue(alloc, state, why)
             if drop:
-                self.gateway.update_job(self.job_id, nodelist=keep)
+                try:
+                    self.gateway.update_job(self.job_id, nodelist=keep)
+                except SlurmError as e:
+                    # GRES jobs included: 22.05 shrinks them and the next step still gets its
+                    # GPUs (verified on the test cluster, issue 11 deliverable 4); a Slurm that
+                    # refuses gets the job requeued instead.
+                    return self._requeue(alloc, state, f"Slurm would not release {fold(drop)} from the job ({e})")
                 self.report.say(f"dropped {fold(drop)} from job {self.job_id} (the controller can repair them); "
                                 f"new node list {fold(keep)}")
                 self.report.event("nodes_released", dropped=fold(drop), nodelist=fold(keep))
-            self._clear_steps(outcome.steps_before)
+            left = self._clear_steps(outcome.steps_before)
+            if left:
+                # Its nodes stay busy: a step here would wait for ever ("Requested nodes are busy").
+                return self._requeue(alloc, state, f"Slurm still holds step(s) {', '.join(left)} of the stopped "
+                                                   "attempt, so the job's nodes stay busy")
 
     # ------------------------------------------------------------ hang detection
     def _progress_watch(self, state: AttemptState, env: Dict[str, str]) -> Optional[ProgressWatch]:
@@ -390,7 +403,14 @@ class Runner:
             return set()
 
     def _our_steps(self, before: Set[str]) -> List[str]:
-        return sorted(s for s in self._step_ids() - before if not s.endswith((".batch", ".extern")))
+        return sorted(s.step_id for s in self._steps_since(before))
+
+    def _steps_since(self, before: Set[str]) -> List[Step]:
+        try:
+            steps = self.gateway.steps(self.job_id)
+        except SlurmError:
+            return []
+        return [s for s in steps if s.step_id not in before and not s.step_id.endswith((".batch", ".extern"))]
 
     def _terminate_step(self, proc: subprocess.Popen, before: Set[str]) -> None:
         """SIGTERM to the step's tasks through Slurm, so the program gets its grace (a
@@ -409,24 +429,40 @@ class Runner:
         if not steps:
             proc.send_signal(signal.SIGTERM)
 
-    def _clear_steps(self, before: Set[str], timeout: float = 60.0) -> None:
+    def _clear_steps(self, before: Set[str], timeout: float = 60.0) -> List[str]:
         """Before the next attempt: the stopped step must be gone, or its nodes stay busy
-        ("step creation temporarily disabled"). A step that had a dead node is only
-        cleaned up by Slurm once it is killed after the node left the job."""
-        deadline = time.monotonic() + timeout
+        ("step creation temporarily disabled"). Returns the steps still there ([] = cleared).
+
+        A step that had a dead node is only cleaned up by Slurm once it is killed after the
+        node left the job, when we released the node. When Slurm released it itself (a
+        --no-kill job's node went DOWN), 22.05 keeps the step RUNNING on it for good, no
+        process left anywhere (seen on the test cluster, issue 11 deliverable 7): such a
+        step, still there GHOST_SECONDS after the kill, is given up on at once."""
+        started = time.monotonic()
         while True:
-            left = self._our_steps(before)
+            left = self._steps_since(before)
             if not left:
-                return
+                return []
             for step in left:
                 try:
-                    self.gateway.signal_step(step, "KILL")
+                    self.gateway.signal_step(step.step_id, "KILL")
                 except SlurmError:
-                    pass  # gone meanwhile, or slurmctld busy: looked at again below
-            if time.monotonic() > deadline:
-                self.report.say(f"step(s) {', '.join(left)} still not gone after {timeout:.0f}s; going on")
-                return
+                    pass  # gone meanwhile, a dead node, or slurmctld busy: looked at again below
+            waited = time.monotonic() - started
+            ghosts = waited > GHOST_SECONDS and self._outside_the_job(left)
+            if ghosts or waited > timeout:
+                names = ", ".join(s.step_id for s in left)
+                self.report.say(f"step(s) {names} still there after {waited:.0f}s"
+                                + (" on a node that left the job (Slurm keeps them)" if ghosts else ""))
+                return [s.step_id for s in left]
             time.sleep(1.0)
+
+    def _outside_the_job(self, steps: List[Step]) -> bool:
+        try:
+            holds = set(self.gateway.job(self.job_id).nodes)
+        except SlurmError:
+            return False
+        return all(set(s.nodes) - holds for s in steps)
 
     def _kill_step(self, proc: subprocess.Popen, before: Set[str]) -> None:
         """srun did not end within the grace: kill it, and have Slurm kill what it started."""

@@ -43,8 +43,17 @@ class Target:
     job: Optional[str] = None
 
 
+# slurmctld answered, but could not reach a node of the step it was to signal (a dead node):
+# "scancel: error: Kill job error on job step id 9: Communication connection failure". Not
+# transient: retrying cost 6-7 s per call while the step's other nodes waited (issue 11, a
+# --no-kill job whose node died). slurmctld itself down reads "Unable to contact slurm controller".
+STEP_NODE_UNREACHABLE = "kill job error on job step"
+
+
 def classify(argv: Sequence[str], returncode: Optional[int], output: str, target: Target) -> SlurmCommandError:
     text = output.lower()
+    if STEP_NODE_UNREACHABLE in text and "unable to contact slurm controller" not in text:
+        return SlurmCommandError(argv, returncode, output, what="a node of the step did not answer")
     if any(m in text for m in TRANSIENT_MARKERS):
         return SlurmUnavailable(argv, returncode, output, what="slurmctld unreachable")
     if any(m in text for m in PERMISSION_MARKERS):

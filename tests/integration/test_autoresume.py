@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import pytest
 
@@ -43,11 +43,12 @@ def cluster(ar):
 
 
 def submit(c: LiveCluster, tmp: Path, job_nodes: int, step_nodes: Optional[int], steps: int = 16, extra: str = "",
-           requeue: bool = False) -> int:
+           requeue: bool = False, sbatch: Sequence[str] = (), env: str = "") -> int:
     env = (f"ALL,STEP_NODES={step_nodes or ''},STEPS={steps},CKPT={tmp / 'ckpt'},RESULT={tmp / 'result.json'},"
-           f"TRAINER={JOBS / 'trainer.py'},PYTHON={sys.executable},EXTRA={extra},HPR_STATE_DIR={tmp / 'state'}")
+           f"TRAINER={JOBS / 'trainer.py'},PYTHON={sys.executable},EXTRA={extra},HPR_STATE_DIR={tmp / 'state'}"
+           + (f",{env}" if env else ""))
     args = ["-N", str(job_nodes), "--exclusive", "--open-mode=append", "-o", str(tmp / "out.txt"),
-            f"--export={env}"]
+            f"--export={env}", *sbatch]
     if requeue:
         args.append("--requeue")
     return c.sbatch(*args, str(JOBS / "train.sbatch"))
@@ -94,13 +95,18 @@ def events(tmp: Path, job_id: int) -> list:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_in_allocation_resume_after_xid74(cluster, tmp_path):
-    job = submit(cluster, tmp_path, job_nodes=3, step_nodes=2)
+@pytest.mark.parametrize("gres", [False, True], ids=["cpu", "gpus-per-node"])
+def test_in_allocation_resume_after_xid74(cluster, tmp_path, gres):
+    """With --gpus-per-node too (issue 11, deliverable 4): Slurm 22.05 shrinks a GRES job and the
+    next step still gets its GPUs, so it resumes from its checkpoint in the allocation."""
+    job = submit(cluster, tmp_path, job_nodes=3, step_nodes=2, sbatch=["--gpus-per-node=2"] if gres else [])
     victim = fail_a_step_node(cluster, tmp_path, job, "log")
     assert finished(job) == "COMPLETED", (tmp_path / "out.txt").read_text()
     result = json.loads((tmp_path / "result.json").read_text())
-    assert result["final_step"] == 16 and result["attempt"] == 2, result
+    assert result["final_step"] == 16 and result["attempt"] == 2 and result["restart_count"] == 0, result
     assert victim not in result["nodelist"] and result["resumed_from"] >= 4
+    if gres:
+        assert result["gpus"] == "0,1", result
     kinds = [e["event"] for e in events(tmp_path, job)]
     assert kinds[:4] == ["attempt_started", "step_stopping", "node_failure", "nodes_released"], kinds
     assert victim not in SlurmGateway().job(job).nodes
@@ -118,10 +124,12 @@ def test_requeue_resume_after_xid74(cluster, tmp_path):
     assert "requeue" in [e["event"] for e in events(tmp_path, job)]
 
 
-@pytest.mark.parametrize("which", ["step node", "batch host"])
+@pytest.mark.parametrize("which", ["step node", "batch host", "step node of a --no-kill job"])
 def test_dead_host_job_still_completes(cluster, tmp_path, which):
-    job = submit(cluster, tmp_path, job_nodes=3 if which == "step node" else 2, step_nodes=2, steps=30,
-                 requeue=True)
+    """--no-kill (issue 11, deliverable 7): Slurm keeps the job and the step on a dead node, and
+    srun would wait for the dead node's tasks forever; the runner stops and resumes it."""
+    job = submit(cluster, tmp_path, job_nodes=2 if which == "batch host" else 3, step_nodes=2, steps=30,
+                 requeue=True, sbatch=["--no-kill"] if "no-kill" in which else [])
     victim = fail_a_step_node(cluster, tmp_path, job, "kill", batch_host=which == "batch host")
     assert finished(job, timeout=240) == "COMPLETED", (tmp_path / "out.txt").read_text()
     result = json.loads((tmp_path / "result.json").read_text())
@@ -196,3 +204,44 @@ def test_without_n_the_step_shrinks_in_the_allocation(cluster, tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())
     assert (result["final_step"], result["attempt"], result["nodelist"]) == (16, 2, batch), result
     assert "requeue" not in [e["event"] for e in events(tmp_path, job)]
+
+
+FAILING_DCGM = REPO / "tests" / "fixtures" / "deep-checks" / "dcgmi-diag-dcgm4-r1-fail-persistence.json"
+
+
+def test_a_hung_step_is_stopped_checked_and_resumed_without_the_node_that_fails_the_check(cluster, tmp_path):
+    """Hang detection (issue 11, deliverable 5): attempt 1 hangs on healthy nodes (every rank stops
+    at step 7, as in a collective that never returns); its heartbeat stalls, the runner stops the
+    step, runs the quick node check (the fake dcgmi of the node that is not the batch host replays a
+    real failing DCGM run), drops that node and resumes on the spare."""
+    check = tmp_path / "node-check.sh"   # the site's command: this cluster's per-node agent config
+    check.write_text(f"#!/bin/sh\nexec {Path(sys.executable).parent / 'hpresilience'} deepcheck --level quick --json "
+                     f"--only dcgm --config {cluster.dir}/nodes/$SLURMD_NODENAME/agent.toml\n")
+    check.chmod(0o755)
+    job = submit(cluster, tmp_path, job_nodes=3, step_nodes=2, steps=12, extra="--heartbeat --hang-at=7",
+                 env=f"HPR_AUTO_RESUME_HANG_SECONDS=4,HPR_AUTO_RESUME_NODE_CHECK_COMMAND={check}")
+    wait_until(lambda: len(step_nodes_of(job)) == 2, 60, "the training step")
+    batch = job_field(job, "batch_host")
+    victim = next(n for n in step_nodes_of(job) if n != batch)
+    try:
+        cluster.tc("dcgmi", victim, "--replay", str(FAILING_DCGM), "--exit", "226")
+        assert finished(job, timeout=120) == "COMPLETED", (tmp_path / "out.txt").read_text()[-5000:]
+    finally:
+        cluster.tc("dcgmi", victim, "--reset")
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["final_step"] == 12 and result["attempt"] == 2 and victim not in result["nodelist"], result
+    seen = events(tmp_path, job)
+    (stalled,) = [e for e in seen if e["event"] == "stalled"]
+    assert "heartbeat step 6" in stalled["why"] or "heartbeat step 5" in stalled["why"], stalled
+    (check_run,) = [e for e in seen if e["event"] == "node_check"]
+    assert list(check_run["failed"]) == [victim] and check_run["passed"] == [batch], check_run
+    assert [e["dropped"] for e in seen if e["event"] == "nodes_released"] == [victim]
+
+
+def test_auto_resume_inside_sbatch_wrap(cluster, tmp_path):
+    """Bad input (issue 11): `sbatch --wrap` runs the shim like any batch script."""
+    job = cluster.sbatch("-N1", "--exclusive", "-o", str(tmp_path / "out.txt"),
+                         f"--export=ALL,HPR_STATE_DIR={tmp_path / 'state'}",
+                         "--wrap", "srun --auto-resume=1 -N1 hostname")
+    assert finished(job, timeout=60) == "COMPLETED", (tmp_path / "out.txt").read_text()
+    assert [e["event"] for e in events(tmp_path, job)] == ["attempt_started", "step_succeeded"]

@@ -18,6 +18,7 @@ from hpresilience.autoresume.runner import AutoResumeError, Runner
 from hpresilience.autoresume.settings import AutoResumeSettings
 from hpresilience.autoresume.srun_args import parse
 from hpresilience.autoresume.state import AttemptState, JobRun, claim_step
+from hpresilience.checkpoint import CheckpointDir
 from hpresilience.slurm import NodeState, SlurmGateway
 from tests.slurm_model import SlurmModel
 
@@ -179,3 +180,55 @@ def test_a_nodelist_inside_the_job_picks_the_nodes(tmp_path):
     job = batch_job(tmp_path)
     assert job.srun("-N1", "-w", "n2", "train.sh")[0] == 0
     assert "--nodelist=n2" in (tmp_path / "srun.log").read_text()
+
+
+# --------------------------------------------------------------- bad input (issue 11)
+def test_no_program_is_refused_before_anything_runs(tmp_path):
+    job = batch_job(tmp_path)
+    with pytest.raises(AutoResumeError, match="no program to run"):
+        job.srun("-N1")
+    assert not (tmp_path / "srun.log").exists() and job.requeues() == 0
+
+
+def test_a_checkpoint_directory_that_disappears_is_not_taken_for_no_progress(tmp_path):
+    """Attempt 1 starts from a checkpoint and loses a node; attempt 2 finds its checkpoint directory gone and
+    loses another node: the runner says it cannot judge progress and goes on within the budget
+    (before, a missing directory read as "no progress" and ended the job)."""
+    model = SlurmModel("n[1-4]")
+    job_id = model.submit("n[1-4]", requeue=True)
+    ckpt = tmp_path / "ckpt"
+    fake = tmp_path / "srun"
+    fake.write_text(f"""#!/bin/sh
+case "$HPR_ATTEMPT" in
+1) ;;
+2) rm -rf {ckpt} ;;
+*) exit 0 ;;
+esac
+touch {tmp_path}/started-$HPR_ATTEMPT
+exec sleep 30
+""")
+    fake.chmod(0o755)
+    CheckpointDir(ckpt).save_file(2, "state.json", b"{}")
+    gateway = SlurmGateway(model)
+
+    def fail_a_node_per_attempt() -> None:
+        for attempt, victim in ((1, "n2"), (2, "n3")):
+            while not (tmp_path / f"started-{attempt}").exists():
+                threading.Event().wait(0.02)
+            gateway.set_state(victim, NodeState.FAIL, "Action: Replace; XID 79")
+
+    failer = threading.Thread(target=fail_a_node_per_attempt, daemon=True)
+    failer.start()
+    err = io.StringIO()
+    settings = AutoResumeSettings(state_dir=str(tmp_path / "state"), poll_seconds=0.05, failure_wait_seconds=0,
+                                  checkpoint_dir=str(ckpt))
+    env = {"PATH": os.environ["PATH"], "SLURM_JOB_ID": str(job_id), "SLURM_RESTART_COUNT": "0"}
+    code = Runner(parse(["--auto-resume", "-N2", "train.sh"]), settings, str(fake), gateway=gateway, env=env,
+                  err=err, sleep=model.sleep).run()
+    failer.join(timeout=5)
+    assert code == 0, err.getvalue()
+    events = [json.loads(line) for line in
+              (tmp_path / "state" / f"auto-resume-{job_id}.events.jsonl").read_text().splitlines()]
+    assert [e["attempt"] for e in events if e["event"] == "attempt_started"] == [1, 2, 3]
+    assert [e["event"] for e in events].count("checkpoints_gone") == 1
+    assert "progress cannot be judged" in err.getvalue() and "no progress:" not in err.getvalue()

@@ -25,6 +25,12 @@ ARGV = ["scontrol", "x"]
     ("Invalid job id specified for job 99", Target(job="99"), JobNotFound),
     ("slurm_update error: Access/permission denied", Target(node="n1"), PermissionDenied),
     ("slurm_update error: Invalid node state specified", Target(node="n1"), SlurmCommandError),
+    # issue 11: slurmctld answered; a dead node of the step did not (seen on 22.05, --no-kill job)
+    ("scancel: error: Kill job error on job step id 9: Communication connection failure", Target(job="9.0"),
+     SlurmCommandError),
+    # scancel with slurmctld down (seen on 22.05)
+    ("slurm_load_jobs error: Unable to contact slurm controller (connect failure)", Target(job="9.0"),
+     SlurmUnavailable),
 ])
 def test_classify(message, target, kind):
     err = classify(ARGV, 1, message, target)

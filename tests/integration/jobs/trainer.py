@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from hpresilience.checkpoint import CheckpointDir
+from hpresilience.checkpoint import CheckpointDir, heartbeat
 
 
 def main() -> int:
@@ -23,6 +23,9 @@ def main() -> int:
     p.add_argument("--step-seconds", type=float, default=0.5)
     p.add_argument("--result", type=Path, required=True)
     p.add_argument("--fail-at", type=int, default=0, help="exit 3 at this step: an application error")
+    p.add_argument("--hang-at", type=int, default=0, help="attempt 1 hangs at this step (a collective that never "
+                                                            "returns), on every rank")
+    p.add_argument("--heartbeat", action="store_true", help="rank 0 calls hpresilience.checkpoint.heartbeat each step")
     args = p.parse_args()
     rank = int(os.environ.get("SLURM_PROCID", "0"))
     ckpt = CheckpointDir(args.ckpt_dir, keep=3)
@@ -36,18 +39,23 @@ def main() -> int:
         time.sleep(args.step_seconds)
         if first_step_at is None:
             first_step_at = time.time()
+        if args.hang_at and step == args.hang_at and os.environ.get("HPR_ATTEMPT") == "1":
+            print(f"rank {rank}: hanging at step {step}", flush=True)
+            time.sleep(3600)
         if args.fail_at and step == args.fail_at:
             print(f"rank {rank}: application error at step {step}", file=sys.stderr, flush=True)
             return 3
         if rank == 0 and step % args.every == 0:
             ckpt.save_file(step, "state.json", json.dumps({"step": step}).encode())
+        if rank == 0 and args.heartbeat:
+            heartbeat(step)
         if rank == 0:
             print(f"step={step} host={host} attempt={os.environ.get('HPR_ATTEMPT')} t={time.time():.3f}", flush=True)
     if rank == 0:
         args.result.write_text(json.dumps({
             "final_step": args.steps, "resumed_from": start, "attempt": int(os.environ.get("HPR_ATTEMPT", "0")),
             "nodelist": os.environ.get("HPR_NODELIST"), "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
-            "first_step_at": first_step_at, "host": host}))
+            "first_step_at": first_step_at, "host": host, "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}))
     return 0
 
 

@@ -1,0 +1,89 @@
+"""GRES and --no-kill jobs under `srun --auto-resume` (issue 11, deliverables 4 and 7): a node of a `--gpus-per-node`
+job fails mid-step. Slurm 22.05 shrinks such a job (verified on the test cluster, where the next
+step still gets its GPUs), so the step resumes in the allocation; a Slurm that refuses to shrink
+it gets the job requeued. The real Runner and SlurmGateway over the in-memory Slurm model."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from hpresilience.autoresume import runner as runner_module
+from hpresilience.autoresume.runner import Runner
+from hpresilience.autoresume.settings import AutoResumeSettings
+from hpresilience.autoresume.srun_args import parse
+from hpresilience.slurm import NodeState, SlurmGateway
+from tests.slurm_model import SlurmModel
+
+
+@pytest.mark.parametrize("shrinks", [True, False])
+def test_a_gres_job_resumes_in_its_allocation_where_slurm_shrinks_it_else_by_requeue(tmp_path: Path, shrinks):
+    model = SlurmModel("n[1-4]")
+    model.shrinks_gres_jobs = shrinks
+    job_id = model.submit("n[1-3]", requeue=True, gres=("gpu:2",))
+    fake = tmp_path / "srun"
+    fake.write_text(f'#!/bin/sh\n[ "$HPR_ATTEMPT" = 1 ] || exit 0\ntouch {tmp_path}/started\nexec sleep 30\n')
+    fake.chmod(0o755)
+    gateway = SlurmGateway(model)
+
+    def fail_n2() -> None:
+        while not (tmp_path / "started").exists():
+            threading.Event().wait(0.02)
+        gateway.set_state("n2", NodeState.FAIL, "Action: Replace; XID 79")
+
+    threading.Thread(target=fail_n2, daemon=True).start()
+    settings = AutoResumeSettings(state_dir=str(tmp_path / "state"), poll_seconds=0.05, failure_wait_seconds=0)
+    env = {"PATH": os.environ["PATH"], "SLURM_JOB_ID": str(job_id), "SLURM_RESTART_COUNT": "0"}
+    err = io.StringIO()
+    code = Runner(parse(["--auto-resume", "-N2", "--gpus-per-node=2", "train.sh"]), settings, str(fake),
+                  gateway=gateway, env=env, err=err, sleep=model.sleep).run()
+    events = [json.loads(line)["event"] for line in
+              (tmp_path / "state" / f"auto-resume-{job_id}.events.jsonl").read_text().splitlines()]
+    if shrinks:
+        assert code == 0, err.getvalue()
+        assert "nodes_released" in events and "requeue" not in events
+        assert model.job(job_id).nodes == ("n1", "n3")
+    else:
+        assert "requeue" in events and "nodes_released" not in events
+        assert "Slurm would not release n2 from the job" in err.getvalue()
+        assert model.job(job_id).state == "PENDING"
+
+
+def test_a_no_kill_jobs_ghost_step_on_its_dead_node_gets_the_job_requeued(tmp_path: Path, monkeypatch):
+    """Issue 11, deliverable 7: when a --no-kill job's node goes DOWN, Slurm 22.05 drops the node
+    from the job but keeps the step that had it RUNNING for good, so the job's other nodes stay
+    busy and a new step would wait for ever. The runner kills srun, sees the step will not go, and
+    requeues the job instead of starting an attempt that cannot start."""
+    monkeypatch.setattr(runner_module, "GHOST_SECONDS", 0.0)
+    model = SlurmModel("n[1-4]")
+    job_id = model.submit("n[1-3]", requeue=True, no_kill=True)
+    fake = tmp_path / "srun"
+    fake.write_text(f'#!/bin/sh\ntouch {tmp_path}/started\nexec sleep 30\n')
+    fake.chmod(0o755)
+
+    def n2_dies_under_the_step() -> None:
+        while not (tmp_path / "started").exists():
+            threading.Event().wait(0.02)
+        with model._lock:   # one event: the step runs, n2 dies and Slurm marks it DOWN
+            model.start_step(job_id, "n[1-2]")
+            model.kill("n2")
+            model.advance(model.slurmd_timeout + 1)
+            model.tick()
+
+    threading.Thread(target=n2_dies_under_the_step, daemon=True).start()
+    settings = AutoResumeSettings(state_dir=str(tmp_path / "state"), poll_seconds=0.05, failure_wait_seconds=0,
+                                  stop_grace_seconds=0.5)
+    env = {"PATH": os.environ["PATH"], "SLURM_JOB_ID": str(job_id), "SLURM_RESTART_COUNT": "0"}
+    err = io.StringIO()
+    Runner(parse(["--auto-resume", "-N2", "train.sh"]), settings, str(fake), gateway=SlurmGateway(model),
+           env=env, err=err, sleep=model.sleep).run()
+    events = [json.loads(line) for line in
+              (tmp_path / "state" / f"auto-resume-{job_id}.events.jsonl").read_text().splitlines()]
+    (requeue,) = [e for e in events if e["event"] == "requeue"]
+    assert "still holds step(s)" in requeue["why"], err.getvalue()
+    assert [e["attempt"] for e in events if e["event"] == "attempt_started"] == [1]
+    assert "on a node that left the job" in err.getvalue()
