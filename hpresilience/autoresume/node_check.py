@@ -7,19 +7,15 @@ check timed out, srun failed) is *unknown* and stays in the job. Dropping a node
 would shrink a job for what may be the check's own problem; an unknown node that really is
 bad makes the retry stall again, and the runner's bound on stalls without progress ends the job.
 
-Which node a report belongs to: the report names its node itself (`SLURMD_NODENAME`, which
-slurmd sets for every task), and that name is used when it is one of the step's nodes, so a
-FAIL never depends on task order. Only a task that printed no usable report is mapped
-through srun's `--label` task number: with `-N k -n k --ntasks-per-node=1` and the default
-block distribution task i runs on the i-th node of the step, and Slurm orders a step's nodes
-by their place in slurm.conf, which is assumed here to be the hostlist order of the names
-(true of the usual `NodeName=n[1-64]`; where it is not, only the node named in an "unknown"
-message can be wrong, never the node dropped).
+Each node's output goes to a file of its own (`srun --output=<dir>/node-check-<job>-%N.out`:
+Slurm writes it on the node, named by the node): no labels to map to nodes, and a report is
+read whole. Read through `--label` instead, srun cut a DCGM report of ~1.3 kB into several
+labelled pieces on the test cluster, and the node's FAIL went unseen (issue 11). The
+directory must be one the batch host and every node see (the runner's state directory).
 """
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -28,13 +24,10 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 from ..controller.verdict import gate_report
 from ..deepcheck.check import CouldNotRun, Skip
-from ..deepcheck.result import Status, SuiteReport, describe
-from ..deepcheck.tool import ToolOutput, run_tool
+from ..deepcheck.result import Status, describe
+from ..deepcheck.tool import run_tool
 from ..slurm.hostlist import expand, fold
 from ..slurm.models import StepResult
-
-# srun --label: "<task>: <line>", the task number right-aligned to the width of the largest one.
-LABELLED = re.compile(r"^\s*(\d+): ?(.*)$")
 
 
 @dataclass
@@ -54,44 +47,35 @@ def default_command() -> List[str]:
 
 
 def check_nodes(real_srun: str, nodes: Sequence[str], env: Mapping[str, str], timeout: float,
-                command: Optional[Sequence[str]] = None) -> NodeCheck:
+                command: Optional[Sequence[str]], out_dir: Path) -> NodeCheck:
     """Run the quick check once on each of `nodes` in one srun (within `timeout` seconds,
     the whole process group killed past it) and sort the nodes by its verdict."""
     ordered = expand(fold(list(nodes)))
+    tag = f"node-check-{env.get('SLURM_JOB_ID', 'job')}-{os.getpid()}"
+    for node in ordered:   # a file left by an earlier check must not pass for this one's report
+        (out_dir / f"{tag}-{node}.out").unlink(missing_ok=True)
     # -n as well as -N: a SLURM_NTASKS inherited from the batch script would otherwise win
     # over --ntasks-per-node and ask for more tasks than one per node.
     argv = [real_srun, "-N", str(len(ordered)), "-n", str(len(ordered)), "-w", fold(ordered),
-            "--ntasks-per-node=1", "--label", "--kill-on-bad-exit=0", *(command or default_command())]
+            "--ntasks-per-node=1", f"--output={out_dir}/{tag}-%N.out", "--kill-on-bad-exit=0",
+            *(command or default_command())]
     try:
         out = run_tool(argv, timeout, env=env, tool="srun (node check)")
     except (Skip, CouldNotRun) as e:
         return NodeCheck(unknown={n: f"node check did not run: {e}" for n in ordered})
-    return _sort(out, ordered)
-
-
-def _sort(out: ToolOutput, ordered: List[str]) -> NodeCheck:
-    by_task: Dict[int, List[str]] = {}
-    for line in (out.stdout + "\n" + out.stderr).splitlines():
-        m = LABELLED.match(line)
-        if m is not None:
-            by_task.setdefault(int(m.group(1)), []).append(m.group(2))
-    reports: Dict[str, SuiteReport] = {}
-    said: Dict[str, str] = {}
-    for task, lines in by_task.items():
-        report = gate_report(StepResult(out.returncode, "\n".join(lines)))
-        node = (report.node if report is not None and report.node in ordered
-                else ordered[task] if task < len(ordered) else None)
-        if node is not None and report is not None:
-            reports[node] = report
-        elif node is not None:
-            said[node] = _last_words(lines)
-    srun_said = _last_words([line for line in out.stderr.splitlines() if not LABELLED.match(line)])
+    srun_said = _last_words(out.stderr.splitlines() + out.stdout.splitlines())
     check = NodeCheck()
     for node in ordered:
-        report = reports.get(node)
-        if report is None:
-            check.unknown[node] = "no report from the node check: " + (
-                said.get(node) or f"srun exit {out.returncode}: {srun_said}")
+        path = out_dir / f"{tag}-{node}.out"
+        try:
+            text = path.read_text(errors="replace")
+            path.unlink()
+        except OSError:
+            text = None
+        report = gate_report(StepResult(out.returncode, text)) if text else None
+        if report is None or report.node not in (node, None, ""):
+            said = _last_words(text.splitlines()) if text else f"srun exit {out.returncode}: {srun_said}"
+            check.unknown[node] = "no report from the node check: " + said
         elif report.status is Status.FAIL:
             check.failed[node] = "; ".join(describe(r, 200) for r in report.failed())
         elif report.status is Status.PASS:

@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import IO, Callable, Dict, List, Mapping, Optional, Set
 
 from ..checkpoint import PROGRESS_FILE_ENV, CheckpointDir
-from ..slurm import CommandRunner, JobNotFound, NodeNotFound, ScontrolBackend, SlurmError, SlurmGateway
+from ..slurm import (
+    CommandRunner,
+    JobNotFound,
+    NodeNotFound,
+    ScontrolBackend,
+    SlurmError,
+    SlurmGateway,
+    StepNodeUnreachable,
+)
 from ..slurm.hostlist import expand, fold
 from ..slurm.models import Step
 from .allocation import Allocation, step_env, why_bad
@@ -310,7 +318,7 @@ class Runner:
         self._clear_steps(outcome.steps_before)
         self.report.say(f"running the quick node check on {fold(outcome.nodes)}")
         check = check_nodes(self.real_srun, outcome.nodes, env, self.settings.node_check_timeout_seconds,
-                            self.settings.node_check_argv())
+                            self.settings.node_check_argv(), self.dir)
         self._clear_steps(outcome.steps_before)   # a check srun killed at its timeout can leave its step
         self.report.event("node_check", passed=check.passed, failed=check.failed, unknown=check.unknown)
         for node, why in sorted(check.unknown.items()):
@@ -419,9 +427,11 @@ class Runner:
         for step in steps:
             try:
                 self.gateway.signal_step(step, "TERM")
-            except JobNotFound:
+            except (JobNotFound, StepNodeUnreachable):
                 # scancel on 22.05 can report "Invalid job id" for a step it has just
-                # signalled (seen: the tasks got SIGTERM, then this error): nothing to do.
+                # signalled (seen: the tasks got SIGTERM, then this error), or that a dead node
+                # of it did not answer (the other nodes' tasks got SIGTERM): nothing to do. A
+                # SIGTERM to srun instead would have it kill the tasks at once, with no grace.
                 pass
             except SlurmError as e:
                 self.report.say(f"could not signal step {step} ({e}); signalling srun")

@@ -10,6 +10,7 @@ from .errors import (
                      SlurmError,
                      SlurmNotInstalled,
                      SlurmUnavailable,
+                     StepNodeUnreachable,
 )
 from .gateway import NodeState, ReasonNotOurs, SlurmGateway
 from .hostlist import expand, fold, nodeset
@@ -20,6 +21,7 @@ from .runner import CommandRunner
 __all__ = [
     "ActionReason", "CommandRunner", "Fault", "InvalidNodeName", "Job", "JobNotFound", "Node", "NodeNotFound",
     "NodeState", "ParseError", "PermissionDenied", "ReasonNotOurs", "ReasonOwner", "ScontrolBackend", "SlurmBackend",
-    "SlurmCommandError", "SlurmError", "SlurmGateway", "SlurmNotInstalled", "SlurmUnavailable", "expand", "fold",
+    "SlurmCommandError", "SlurmError", "SlurmGateway", "SlurmNotInstalled", "SlurmUnavailable",
+    "StepNodeUnreachable", "expand", "fold",
     "format_reason", "nodeset", "parse_reason", "sanitize_reason",
 ]

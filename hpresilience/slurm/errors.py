@@ -53,6 +53,11 @@ class PermissionDenied(SlurmCommandError):
     pass
 
 
+class StepNodeUnreachable(SlurmCommandError):
+    """slurmctld signalled a step but one of its nodes did not answer (a dead node): the
+    step's other nodes got the signal (seen on 22.05, issue 11), and retrying cannot help."""
+
+
 class InvalidNodeName(SlurmError, ValueError):
     """A node name or hostlist expression that cannot be valid."""
 

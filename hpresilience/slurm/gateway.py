@@ -199,7 +199,13 @@ class SlurmGateway:
             comment = self.backend.job_comment(job_id)   # the job's own, read so no other text forges it
             marked = with_expedite_mark(comment)
             if marked != comment:
-                self.backend.update_job(job_id, [("Comment", marked)])
+                try:
+                    self.backend.update_job(job_id, [("Comment", marked)])
+                except SlurmCommandError as e:
+                    # 22.05 refuses every update of a --no-kill job that holds a step on a node it
+                    # dropped ("Unexpected message received for job", issue 11): requeue all the same;
+                    # the job then waits Slurm's requeue delay unless job_submit.lua marked it.
+                    log.warning("slurm.expedite_mark_failed", job=job_id, error=str(e))
         self.backend.requeue_job(job_id)
         log.info("slurm.requeue", job=job_id, expedite=expedite)
 

@@ -11,7 +11,15 @@ from typing import Callable, Dict, Optional, Sequence
 import structlog
 import tenacity
 
-from .errors import JobNotFound, NodeNotFound, PermissionDenied, SlurmCommandError, SlurmNotInstalled, SlurmUnavailable
+from .errors import (
+    JobNotFound,
+    NodeNotFound,
+    PermissionDenied,
+    SlurmCommandError,
+    SlurmNotInstalled,
+    SlurmUnavailable,
+    StepNodeUnreachable,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -52,8 +60,8 @@ STEP_NODE_UNREACHABLE = "kill job error on job step"
 
 def classify(argv: Sequence[str], returncode: Optional[int], output: str, target: Target) -> SlurmCommandError:
     text = output.lower()
-    if STEP_NODE_UNREACHABLE in text and "unable to contact slurm controller" not in text:
-        return SlurmCommandError(argv, returncode, output, what="a node of the step did not answer")
+    if STEP_NODE_UNREACHABLE in text and "communication connection failure" in text:
+        return StepNodeUnreachable(argv, returncode, output, what="a node of the step did not answer")
     if any(m in text for m in TRANSIENT_MARKERS):
         return SlurmUnavailable(argv, returncode, output, what="slurmctld unreachable")
     if any(m in text for m in PERMISSION_MARKERS):

@@ -214,8 +214,9 @@ def test_a_hung_step_is_stopped_checked_and_resumed_without_the_node_that_fails_
     at step 7, as in a collective that never returns); its heartbeat stalls, the runner stops the
     step, runs the quick node check (the fake dcgmi of the node that is not the batch host replays a
     real failing DCGM run), drops that node and resumes on the spare."""
-    check = tmp_path / "node-check.sh"   # the site's command: this cluster's per-node agent config
-    check.write_text(f"#!/bin/sh\nexec {Path(sys.executable).parent / 'hpresilience'} deepcheck --level quick --json "
+    check = tmp_path / "node-check.sh"   # the site's command: this cluster's dcgmi and per-node agent config
+    program = Path(sys.executable).parent / "hpresilience"
+    check.write_text(f"#!/bin/sh\nPATH={cluster.dir / 'path'}:$PATH exec {program} deepcheck --level quick --json "
                      f"--only dcgm --config {cluster.dir}/nodes/$SLURMD_NODENAME/agent.toml\n")
     check.chmod(0o755)
     job = submit(cluster, tmp_path, job_nodes=3, step_nodes=2, steps=12, extra="--heartbeat --hang-at=7",

@@ -7,6 +7,7 @@ import pytest
 import structlog
 
 from hpresilience.action import NodeAction
+from hpresilience.controller.expedite import expedite_requeued
 from hpresilience.slurm import (
     ActionReason,
     CommandRunner,
@@ -113,6 +114,34 @@ def test_reboot_changes_boot_time(tc, gateway):
                        and n.state == "IDLE" and not n.flags and n, 60, "n3 rebooted and idle")
     assert after.reason is None                                  # nextstate=RESUME cleared it
     assert "reboot requested" in (tc.dir / "nodes" / "n3" / "reboots.log").read_text()
+
+
+def test_user_text_cannot_forge_a_job_record(tc, gateway):
+    """Issue 11, deliverable 6: a job name with `NodeList=`/`BatchHost=` words and a comment with a
+    newline and a whole forged record line (22.05 prints both raw) change nothing read from Slurm."""
+    forged = "x NodeList=n9 BatchHost=n9 OverSubscribe=NO"
+    comment = "mine\nJobId=999 JobState=RUNNING NodeList=n[1-4] Requeue=1"
+    job_id = tc.sbatch("-N1", "-J", forged, f"--comment={comment}", "--wrap", "sleep 300")
+    job = wait_until(lambda: (j := gateway.job(job_id)).is_running and j, 30, "job running")
+    assert job.name == forged and job.extra["Comment"] == comment
+    assert len(job.nodes) == 1 and job.batch_host == job.nodes[0] and not job.exclusive
+    jobs = gateway.jobs()
+    assert 999 not in [j.job_id for j in jobs] and [j.nodes for j in jobs if j.job_id == job_id] == [job.nodes]
+
+
+def test_requeue_with_expedite_keeps_the_users_comment(tc, gateway, tmp_path):
+    """The runner's requeue on 22.05: our mark in front of the user's comment (newline kept), which
+    the controller strips when it makes the job eligible."""
+    out = tmp_path / "out.txt"
+    job_id = tc.sbatch("-N1", "--requeue", "--comment=run 7\nof sweep", "--open-mode=append", "-o", str(out),
+                       "--wrap", 'echo "restart=${SLURM_RESTART_COUNT:-0}"; sleep 300')
+    wait_until(lambda: "restart=0" in (out.read_text() if out.exists() else ""), 30, "first run")
+    gateway.requeue(job_id, expedite=True)
+    pending = wait_until(lambda: (j := gateway.job(job_id)).state == "PENDING" and j, 30, "job pending")
+    assert pending.extra["Comment"] == "hpr-expedite run 7\nof sweep"
+    assert expedite_requeued(gateway) == 1
+    wait_until(lambda: "restart=1" in out.read_text(), 30, "second run, made eligible at once")
+    assert gateway.job(job_id).extra["Comment"] == "run 7\nof sweep"
 
 
 def test_requeue_restarts_job_with_restart_count(tc, gateway, tmp_path):

@@ -1,7 +1,7 @@
 """Hang detection in the auto-resume runner (issue 11, deliverable 5): the real Runner and
 SlurmGateway over the in-memory Slurm model; srun is a stand-in script that either plays a
-training step (heartbeats up to a step, then hangs) or, called with --label, the quick node
-check (one deepcheck report per node, the verdicts the test gives)."""
+training step (heartbeats up to a step, then hangs) or, called with --output, the quick node
+check (one deepcheck report per node file, the verdicts the test gives)."""
 from __future__ import annotations
 
 import io
@@ -25,12 +25,14 @@ from hpresilience.slurm.hostlist import expand
 args = sys.argv[1:]
 with open(os.environ["FAKE_LOG"], "a") as f:
     f.write(json.dumps(args) + "\\n")
-if "--label" in args:                      # the quick node check
+output = [a[len("--output="):] for a in args if a.startswith("--output=")]
+if output:                                 # the quick node check: each node's report to its own file
     verdicts = json.loads(os.environ["FAKE_VERDICTS"])
-    for task, node in enumerate(expand(args[args.index("-w") + 1])):
+    for node in expand(args[args.index("-w") + 1]):
         status = Status[verdicts.get(node, "PASS")]
         report = SuiteReport(node, Level.QUICK, (CheckResult("gpu_count", status, "2 GPUs lost"),), 0.0, 1.0)
-        print(f"{{task}}: {{json.dumps(report.to_dict())}}")
+        with open(output[0].replace("%N", node), "w") as f:
+            f.write(json.dumps(report.to_dict()) + "\\n")
     sys.exit(0)
 # The training step: attempt k beats up to PLAN[k-1] (a step number) and then hangs, or exits 0 at "done".
 plan = os.environ["FAKE_PLAN"].split(",")

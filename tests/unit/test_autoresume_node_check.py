@@ -1,5 +1,6 @@
 """The quick node check of hang detection (issue 11): a fake `srun` script in tmp_path runs the
-check command once per node with SLURMD_NODENAME set and labels its lines as srun --label does."""
+check command once per node with SLURMD_NODENAME set and writes each node's output to the file
+`--output=...%N...` names, as Slurm does."""
 import json
 import os
 import sys
@@ -12,7 +13,7 @@ from hpresilience.deepcheck.result import CheckResult, Level, Status, SuiteRepor
 
 FAKE_SRUN = """\
 #!{python}
-# srun -N k -n k -w NODES --ntasks-per-node=1 --label --kill-on-bad-exit=0 COMMAND...
+# srun -N k -n k -w NODES --ntasks-per-node=1 --output=DIR/TAG-%N.out --kill-on-bad-exit=0 COMMAND...
 import json, os, subprocess, sys
 from hpresilience.slurm.hostlist import expand
 args = sys.argv[1:]
@@ -22,16 +23,11 @@ i = 0
 while args[i].startswith("-"):
     i += 2 if args[i] in ("-N", "-n", "-w") else 1
 nodes, command = expand(args[args.index("-w") + 1]), args[i:]
-order = list(enumerate(nodes))
-if os.environ.get("FAKE_SRUN_SLURM_CONF_ORDER") == "reversed":   # slurm.conf lists the nodes the other way round
-    order = [(task, node) for task, node in zip(range(len(nodes)), reversed(nodes))]
-width, worst = len(str(len(nodes) - 1)), 0
-for task, node in order:
-    done = subprocess.run(command, env={{**os.environ, "SLURMD_NODENAME": node}}, capture_output=True, text=True)
-    for line in done.stdout.splitlines():
-        print(f"{{task:>{{width}}}}: {{line}}")
-    for line in done.stderr.splitlines():
-        print(f"{{task:>{{width}}}}: {{line}}", file=sys.stderr)
+pattern = next(a[len("--output="):] for a in args if a.startswith("--output="))
+worst = 0
+for task, node in enumerate(nodes):
+    with open(pattern.replace("%N", node), "w") as out:
+        done = subprocess.run(command, env={{**os.environ, "SLURMD_NODENAME": node}}, stdout=out, stderr=out)
     if done.returncode:
         print(f"srun: error: {{node}}: task {{task}}: Exited with exit code {{done.returncode}}", file=sys.stderr)
     worst = max(worst, done.returncode)
@@ -52,7 +48,8 @@ if verdict == "garbage":
     sys.exit(0)
 status = {"pass": Status.PASS, "fail": Status.FAIL, "error": Status.ERROR}[verdict]
 summary = {"pass": "4 GPUs ok", "fail": "memory errors on GPU 3", "error": "dcgmi did not finish within 60s"}[verdict]
-results = (CheckResult("nvml", Status.PASS, "ok"), CheckResult("gpu", status, summary))
+evidence = {"raw": os.environ.get("FAKE_PADDING", "")}   # a long report (dcgmi's is ~1.3 kB)
+results = (CheckResult("nvml", Status.PASS, "ok", evidence=evidence), CheckResult("gpu", status, summary))
 print(json.dumps({"event": "deepcheck.start"}))
 print(json.dumps(SuiteReport(node, Level.QUICK, results, 0.0, 1.0).to_dict()))
 sys.exit({"pass": 0, "fail": 1, "error": 2}[verdict])
@@ -72,8 +69,9 @@ def srun(tmp_path):
 
 def run_check(tmp_path, srun, nodes, verdicts, timeout=30.0, **env):
     command = [sys.executable, "-c", FAKE_CHECK]
-    full_env = {"FAKE_SRUN_ARGV": str(tmp_path / "argv.json"), "FAKE_VERDICTS": json.dumps(verdicts), **env}
-    return check_nodes(srun, nodes, full_env, timeout, command)
+    full_env = {"FAKE_SRUN_ARGV": str(tmp_path / "argv.json"), "FAKE_VERDICTS": json.dumps(verdicts),
+                "SLURM_JOB_ID": "7", **env}
+    return check_nodes(srun, nodes, full_env, timeout, command, tmp_path)
 
 
 def test_only_a_fail_verdict_is_failed_everything_unjudged_is_unknown(tmp_path, srun):
@@ -86,33 +84,31 @@ def test_only_a_fail_verdict_is_failed_everything_unjudged_is_unknown(tmp_path, 
     assert check.unknown["n4"] == "no report from the node check: {{{not json at all"
     assert "ImportError: no module named torch" in check.unknown["n5"]
     argv = json.loads((tmp_path / "argv.json").read_text())
-    assert argv[:8] == ["-N", "5", "-n", "5", "-w", "n[1-5]", "--ntasks-per-node=1", "--label"]
+    assert argv[:7] == ["-N", "5", "-n", "5", "-w", "n[1-5]", "--ntasks-per-node=1"]
+    assert argv[7] == f"--output={tmp_path}/node-check-7-{os.getpid()}-%N.out"
     assert argv[8] == "--kill-on-bad-exit=0" and argv[9:11] == [sys.executable, "-c"]
+    assert not list(tmp_path.glob("node-check-*.out"))   # read and removed
 
 
-def test_a_report_names_its_node_whatever_the_task_order(tmp_path, srun):
-    check = run_check(tmp_path, srun, ["n1", "n2", "n3"], {"n1": "fail", "n3": "silent"},
-                      FAKE_SRUN_SLURM_CONF_ORDER="reversed")
-    assert check.failed == {"n1": "gpu: memory errors on GPU 3"}     # task 2 ran on n1: its report says so
-    assert check.passed == ["n2"] and list(check.unknown) == ["n3"]
+def test_a_long_report_is_read_whole(tmp_path, srun):
+    """srun --label cut a ~1.3 kB DCGM report into labelled pieces on the test cluster (issue 11):
+    the node's FAIL went unseen. Its own output file holds the line whole."""
+    check = run_check(tmp_path, srun, ["n1", "n2"], {"n2": "fail"}, FAKE_PADDING="x" * 5000)
+    assert check.failed == {"n2": "gpu: memory errors on GPU 3"} and check.passed == ["n1"]
 
 
-def test_garbage_and_padded_labels_from_srun(tmp_path):
-    report = SuiteReport("n02", Level.QUICK, (CheckResult("gpu", Status.FAIL, "XID 79"),), 0.0, 1.0).to_dict()
-    lines = ["garbage without a label", " 0: {\"half a report\":", f" 1: {json.dumps(report)}",
-             "12: task 12 is no task", "\x00\xff binary"]
-    fake = script(tmp_path / "srun", "#!/bin/sh\ncat <<'EOF'\n" + "\n".join(lines) + "\nEOF\nexit 1\n")
-    nodes = [f"n{i:02d}" for i in range(1, 11)]        # ten tasks: srun pads the labels to two digits
-    check = check_nodes(fake, nodes, {}, 30.0, ["true"])
-    assert check.failed == {"n02": "gpu: XID 79"} and check.passed == []
-    assert check.unknown["n01"] == 'no report from the node check: {"half a report":'
-    assert check.unknown["n03"] == "no report from the node check: srun exit 1: (nothing)"
-    assert len(check.unknown) == 9
+def test_a_report_left_by_an_earlier_check_is_not_this_ones(tmp_path, srun):
+    stale = tmp_path / f"node-check-7-{os.getpid()}-n1.out"
+    stale.write_text(json.dumps(SuiteReport("n1", Level.QUICK, (CheckResult("gpu", Status.PASS, "ok"),),
+                                            0.0, 1.0).to_dict()))
+    fake = script(tmp_path / "srun-dies", "#!/bin/sh\necho 'srun: error: Unable to create step' >&2\nexit 1\n")
+    check = check_nodes(fake, ["n1"], {"SLURM_JOB_ID": "7"}, 30.0, ["true"], tmp_path)
+    assert check.passed == [] and "Unable to create step" in check.unknown["n1"]
 
 
 def test_a_check_that_does_not_finish_is_killed_and_judges_nothing(tmp_path):
-    fake = script(tmp_path / "srun", "#!/bin/sh\necho '0: started'\nsleep 30 &\nwait\n")
-    check = check_nodes(fake, ["n1", "n2"], {}, 0.3, ["true"])
+    fake = script(tmp_path / "srun", "#!/bin/sh\necho started\nsleep 30 &\nwait\n")
+    check = check_nodes(fake, ["n1", "n2"], {}, 0.3, ["true"], tmp_path)
     assert check.passed == [] and check.failed == {}
     assert set(check.unknown) == {"n1", "n2"} and "did not finish within 0.3s (killed)" in check.unknown["n1"]
 
@@ -121,10 +117,10 @@ def test_srun_that_fails_or_is_missing(tmp_path):
     fake = script(tmp_path / "srun", "#!/bin/sh\n"
                   "echo 'srun: error: Unable to create step for job 7: Requested node configuration is not "
                   "available' >&2\nexit 1\n")
-    check = check_nodes(fake, ["n1"], {}, 30.0, ["true"])
+    check = check_nodes(fake, ["n1"], {}, 30.0, ["true"], tmp_path)
     assert check == NodeCheck(unknown={"n1": "no report from the node check: srun exit 1: srun: error: Unable to "
                                              "create step for job 7: Requested node configuration is not available"})
-    check = check_nodes(str(tmp_path / "no-srun"), ["n1"], {}, 30.0, ["true"])
+    check = check_nodes(str(tmp_path / "no-srun"), ["n1"], {}, 30.0, ["true"], tmp_path)
     assert list(check.unknown) == ["n1"] and "not installed" in check.unknown["n1"]
 
 

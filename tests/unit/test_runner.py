@@ -9,6 +9,7 @@ from hpresilience.slurm.errors import (
     SlurmCommandError,
     SlurmNotInstalled,
     SlurmUnavailable,
+    StepNodeUnreachable,
 )
 from hpresilience.slurm.runner import CommandRunner, Target, classify
 
@@ -27,7 +28,9 @@ ARGV = ["scontrol", "x"]
     ("slurm_update error: Invalid node state specified", Target(node="n1"), SlurmCommandError),
     # issue 11: slurmctld answered; a dead node of the step did not (seen on 22.05, --no-kill job)
     ("scancel: error: Kill job error on job step id 9: Communication connection failure", Target(job="9.0"),
-     SlurmCommandError),
+     StepNodeUnreachable),
+    # a step scancel has just signalled (seen on 22.05): not a dead node
+    ("scancel: error: Kill job error on job step id 99: Invalid job id specified", Target(job="99"), JobNotFound),
     # scancel with slurmctld down (seen on 22.05)
     ("slurm_load_jobs error: Unable to contact slurm controller (connect failure)", Target(job="9.0"),
      SlurmUnavailable),
