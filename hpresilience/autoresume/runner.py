@@ -39,6 +39,7 @@ from ..slurm import (
 )
 from ..slurm.hostlist import expand, fold
 from ..slurm.models import Step
+from ..statefile import read_json, write_json
 from .allocation import Allocation, step_env, why_bad
 from .node_check import check_nodes
 from .progress import Progress, ProgressWatch, attempt_heartbeat_file
@@ -200,6 +201,8 @@ class Runner:
                 # A step that finished before the requeue runs again because the script starts
                 # from the top: a new run of it, not a retry (issue 11, defect 1).
                 state = AttemptState(self.job_id, step)
+            elif state.history and state.history[-1]["event"] == "attempt":
+                self._refund_if_interrupted(state, restarts)
             state.requeues = restarts
             state.note("requeued", restart_count=restarts)
         why_not = self._never_runs(alloc, state)
@@ -518,6 +521,19 @@ class Runner:
         return True
 
     # ----------------------------------------------------------------- requeue
+    def _requeue_mark(self) -> Path:
+        return self.dir / f"auto-resume-{self.job_id}.requeued.json"
+
+    def _refund_if_interrupted(self, state: AttemptState, restarts: int) -> None:
+        """An attempt that was running when another step of the job requeued it did not fail:
+        its attempt is given back (issue 11 review: a concurrent step lost one per requeue).
+        One cut short by anything else (the batch host died) still counts."""
+        mark = read_json(self._requeue_mark(), {})
+        if mark.get("restart_count") == restarts - 1 and mark.get("step") not in (None, state.step):
+            state.attempts -= 1
+            state.note("interrupted", attempt=state.attempts + 1, by=mark["step"])
+            self.report.event("interrupted", attempt=state.attempts + 1, by=mark["step"])
+
     def _requeue_before_attempt(self, alloc: Allocation, state: AttemptState, why: str) -> int:
         """A requeue instead of an attempt counts as one (issue 11, defect 2: uncounted, it
         looped forever while the controller expedited each requeue); one that would leave
@@ -547,6 +563,7 @@ class Runner:
             return 1
         state.note("requeue", why=why, attempt=state.attempts)
         state.save(self.dir)
+        write_json(self._requeue_mark(), {"restart_count": restarts, "step": state.step})
         self.report.say(f"requeueing job {self.job_id}: {why}; the job restarts on a fresh allocation "
                         f"and this step continues at attempt {state.attempts + 1} of {self.settings.max_attempts}")
         self.report.event("requeue", why=why, attempt=state.attempts)

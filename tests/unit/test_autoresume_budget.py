@@ -232,3 +232,36 @@ exec sleep 30
     assert [e["attempt"] for e in events if e["event"] == "attempt_started"] == [1, 2, 3]
     assert [e["event"] for e in events].count("checkpoints_gone") == 1
     assert "progress cannot be judged" in err.getvalue() and "no progress:" not in err.getvalue()
+
+
+def _cut_short(job: BatchJob) -> None:
+    """The step's runner was killed mid-attempt (its job requeued under it): its state file ends
+    at the attempt, with no outcome after it."""
+    (path,) = job.state_dir.glob(f"auto-resume-{job.job_id}-*.json")
+    state = json.loads(path.read_text())
+    assert state["history"][-1]["event"] == "succeeded"
+    state["history"].pop()
+    path.write_text(json.dumps(state))
+
+
+def test_an_attempt_cut_short_by_another_steps_requeue_is_given_back(tmp_path):
+    job = batch_job(tmp_path, nodes="n[1-3]", cluster="n[1-4]")
+    assert job.srun("-N1", "monitor.sh")[0] == 0
+    _cut_short(job)                                      # monitor.sh was running when ...
+    SlurmGateway(job.model).set_state("n3", NodeState.FAIL, "Action: Replace; XID 79")
+    job.srun("-N3", "train.sh")                          # ... train.sh requeued the job
+    job.restart()
+    assert job.srun("-N1", "monitor.sh")[0] == 0
+    assert [e["attempt"] for e in job.events("attempt_started")] == [1, 1]   # before: [1, 2]
+    (interrupted,) = job.events("interrupted")
+    assert interrupted["attempt"] == 1 and interrupted["by"] == job.events("requeue")[0]["step"]
+
+
+def test_an_attempt_cut_short_by_slurms_own_requeue_still_counts(tmp_path):
+    job = batch_job(tmp_path, nodes="n[1-3]", cluster="n[1-4]")
+    assert job.srun("-N1", "monitor.sh")[0] == 0
+    _cut_short(job)
+    SlurmGateway(job.model).requeue(job.job_id)         # the batch host died: Slurm requeued the job
+    job.restart()
+    assert job.srun("-N1", "monitor.sh")[0] == 0
+    assert [e["attempt"] for e in job.events("attempt_started")] == [1, 2] and not job.events("interrupted")
