@@ -271,15 +271,28 @@ class SlurmModel:
             job.state = state
 
     @_locked
-    def start_step(self, job_id: int, nodes: Optional[str] = None, name: str = "") -> str:
-        """A running job step (what srun inside the job starts); returns "JOB.N"."""
+    def start_step(self, job_id: int, nodes: Optional[str] = None, name: str = "",
+                   srun_pid: Optional[int] = None) -> str:
+        """A running job step (what srun inside the job starts); returns "JOB.N". srun_pid: the
+        pid `scontrol show step` gives in SrunHost:Pid (None: not shown)."""
         job = self._jobs[job_id]
         if job.state != "RUNNING":
             raise ValueError(f"job {job_id} is {job.state}, not running")
         step_id = f"{job_id}.{job.next_step}"
         job.next_step += 1
-        job.steps[step_id] = Step(step_id, "RUNNING", tuple(expand(nodes)) if nodes else tuple(job.nodes), name)
+        job.steps[step_id] = Step(step_id, "RUNNING", tuple(expand(nodes)) if nodes else tuple(job.nodes), name,
+                                  srun_pid=srun_pid)
         return step_id
+
+    @_locked
+    def lose_node(self, node: str, step_of: Optional[int] = None) -> None:
+        """One event: (a step of job `step_of` runs on the node and) the node dies and Slurm has
+        already marked it DOWN, so no caller can see it NOT_RESPONDING in between."""
+        if step_of is not None:
+            self.start_step(step_of, fold(sorted(set(self._jobs[step_of].nodes))))
+        self.kill(node)
+        self.advance(self.slurmd_timeout + 1)
+        self.tick()
 
     @_locked
     def kill(self, node: str) -> None:

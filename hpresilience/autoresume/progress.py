@@ -8,7 +8,8 @@ Two progress signals, either one is enough:
   has a higher step than any seen before (the one the attempt started from is not progress).
 
 Before the first progress signal of an attempt the step gets `startup_seconds` (interpreter,
-torch import, rendezvous, loading the checkpoint); afterwards `stall_seconds` since the last advance.
+torch import, rendezvous, loading the checkpoint) plus `stall_seconds` (the first signal may be a
+whole interval away); afterwards `stall_seconds` since the last advance.
 
 What the runner must do for each attempt (the contract of `attempt_heartbeat_file`):
 give the attempt a fresh heartbeat path (`attempt_heartbeat_file`, which also removes a
@@ -59,6 +60,11 @@ class Progress:
     checkpoint step (the attempt's starting checkpoint included); None = no such signal."""
     heartbeat_step: Optional[int] = None
     checkpoint_step: Optional[int] = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Progress:
+        """From a state file: unknown keys (a newer version's) are left out, not a crash."""
+        return cls(**{k: v for k, v in data.items() if k in ("heartbeat_step", "checkpoint_step")})
 
     def beyond(self, earlier: Progress) -> bool:
         """True when a signal is higher than in `earlier` (the runner asks this at a stall
@@ -129,10 +135,14 @@ class ProgressWatch:
         self.checkpoint.offer(self._read_checkpoint(now), now)
         advanced = [s.advanced_at for s in (self.heartbeat, self.checkpoint) if s.advanced_at is not None]
         if not advanced:
-            if now - self.started <= self.startup_seconds:
+            # Startup, then a whole stall interval: with checkpoints as the only signal the first
+            # one comes a checkpoint interval after startup (issue 11 review: 600 s stopped every
+            # attempt of an hourly-checkpointing job).
+            allowed = self.startup_seconds + self.stall_seconds
+            if now - self.started <= allowed:
                 return None
             return (f"no progress since the attempt started {now - self.started:.0f}s ago (startup allowance "
-                    f"{self.startup_seconds:g}s): {self._signals(now)}")
+                    f"{self.startup_seconds:g}s + {self.stall_seconds:g}s): {self._signals(now)}")
         if now - max(advanced) <= self.stall_seconds:
             return None
         return f"no progress for {now - max(advanced):.0f}s (limit {self.stall_seconds:g}s): {self._signals(now)}"

@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable, Dict, List, Mapping, Optional, Set
+from typing import IO, Callable, Dict, List, Mapping, Optional, Sequence, Set
 
 from ..checkpoint import PROGRESS_FILE_ENV, CheckpointDir
 from ..slurm import (
@@ -47,7 +47,6 @@ from .settings import AutoResumeSettings, state_dir
 from .srun_args import SrunCommand
 from .state import AttemptState, JobRun, claim_step
 
-GHOST_SECONDS = 5.0   # a killed step still there this long on a node that left the job never goes
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
                      signal.SIGCONT, signal.SIGTSTP)
 # srun's words when the step died with a node rather than with the program: Slurm may
@@ -70,6 +69,8 @@ class StepOutcome:
     signalled: bool = False                                       # we were told to stop (scancel, timeout)
     nodes: List[str] = field(default_factory=list)
     steps_before: Set[str] = field(default_factory=set)           # the job's steps before this one started
+    srun_pid: Optional[int] = None                                # our srun: tells our step from a
+                                                                  # concurrent step of the same job
     stalled: Optional[str] = None                                 # why the progress watch stopped the step
     progress: Progress = field(default_factory=Progress)          # how far the step got (hang detection)
 
@@ -159,9 +160,9 @@ class Runner:
             unknown = [n for n in asked if not self._known(n)]
             return f"-w names {fold(unknown)}, unknown to Slurm"
         outside = [n for n in asked if n not in alloc.job.nodes]
-        # Only before the step's first attempt: later, -w nodes this step failed on were
+        # Only before the step ever ran (an attempt given back still ran): later, -w nodes it failed on were
         # released or left behind by a requeue, and the attempt runs on other healthy nodes.
-        if outside and state.attempts == 0:
+        if outside and not any(h["event"] == "attempt" for h in state.history):
             return (f"-w names {fold(outside)}, not in job {self.job_id}'s allocation "
                     f"({fold(list(alloc.job.nodes))}); srun cannot run a step there")
         return None
@@ -223,7 +224,11 @@ class Runner:
                                                                   f"{wanted}-node step")
             nodes = self._choose(healthy, wanted)
             state.attempts += 1
-            state.last_checkpoint_step = self._checkpoint_step()
+            seen = self._checkpoint_step()
+            if seen is not None or not self._checkpoints_gone(state):
+                # A vanished directory keeps the step seen last, so later attempts still know it
+                # had checkpoints and do not read its absence as no progress (issue 11 review).
+                state.last_checkpoint_step = seen
             state.note("attempt", attempt=state.attempts, nodes=fold(nodes), checkpoint=state.last_checkpoint_step)
             state.save(self.dir)
             env = dict(self.env)
@@ -236,7 +241,9 @@ class Runner:
             self.report.event("attempt_started", attempt=state.attempts, nodes=fold(nodes),
                               master_addr=env["MASTER_ADDR"], checkpoint=state.last_checkpoint_step)
             outcome = self._run_step(self.cmd.argv(nodes), env, nodes, watch)
-            if outcome.returncode == 0:
+            # A step we stopped is not done, even when the program saved and exited 0 at our
+            # SIGTERM (issue 11 review: Lightning-style handlers do).
+            if outcome.returncode == 0 and not (outcome.stopped_for or outcome.stalled):
                 self.report.event("step_succeeded", attempt=state.attempts)
                 state.note("succeeded", attempt=state.attempts)
                 state.save(self.dir)
@@ -285,7 +292,7 @@ class Runner:
                 self.report.say(f"dropped {fold(drop)} from job {self.job_id} (the controller can repair them); "
                                 f"new node list {fold(keep)}")
                 self.report.event("nodes_released", dropped=fold(drop), nodelist=fold(keep))
-            left = self._clear_steps(outcome.steps_before)
+            left = self._clear_steps(outcome, released=drop)
             if left:
                 # Its nodes stay busy: a step here would wait for ever ("Requested nodes are busy").
                 return self._requeue(alloc, state, f"Slurm still holds step(s) {', '.join(left)} of the stopped "
@@ -307,7 +314,7 @@ class Runner:
                      env: Dict[str, str]) -> Optional[Dict[str, str]]:
         """After a stalled step was stopped: None ends the job (no progress since the last
         stall: retrying would only hang again), else the nodes the quick check failed."""
-        previous = Progress(**state.stall_progress) if state.stall_progress is not None else None
+        previous = Progress.from_dict(state.stall_progress) if state.stall_progress is not None else None
         state.stall_progress = dataclasses.asdict(outcome.progress)
         state.note("stalled", why=outcome.stalled, progress=state.stall_progress)
         state.save(self.dir)
@@ -317,12 +324,18 @@ class Runner:
                             "not retrying")
             self.report.event("gave_up", reason="stalled again without progress", progress=state.stall_progress)
             return None
+        if state.attempts >= self.settings.max_attempts:
+            self.report.say(f"the step stalled ({outcome.stalled}) and its attempts are used up "
+                            f"({state.attempts} of {self.settings.max_attempts})")
+            self.report.event("gave_up", reason="attempts used up", attempts=state.attempts)
+            return None
         # The stopped step must be gone before the check's srun can have its nodes.
-        self._clear_steps(outcome.steps_before)
+        if self._clear_steps(outcome):
+            return {}   # the nodes stay busy: no check can run; the caller requeues the job
         self.report.say(f"running the quick node check on {fold(outcome.nodes)}")
         check = check_nodes(self.real_srun, outcome.nodes, env, self.settings.node_check_timeout_seconds,
                             self.settings.node_check_argv(), self.dir)
-        self._clear_steps(outcome.steps_before)   # a check srun killed at its timeout can leave its step
+        self._clear_steps(outcome)   # a check srun killed at its timeout can leave its step
         self.report.event("node_check", passed=check.passed, failed=check.failed, unknown=check.unknown)
         for node, why in sorted(check.unknown.items()):
             self.report.say(f"{node}: no verdict from the node check, kept ({why})")
@@ -350,6 +363,7 @@ class Runner:
         before = self._step_ids()
         outcome = StepOutcome(returncode=1, nodes=nodes, steps_before=before)
         proc = subprocess.Popen([self.real_srun, *argv], env=env, stderr=subprocess.PIPE)
+        outcome.srun_pid = proc.pid
         previous = {s: signal.signal(s, lambda signum, _f: self._forward(proc, signum, outcome))
                     for s in FORWARDED_SIGNALS}
         reader = threading.Thread(target=self._copy_stderr, args=(proc, outcome), daemon=True)
@@ -364,7 +378,7 @@ class Runner:
                     pass
                 if stop_sent is not None:
                     if time.monotonic() - stop_sent > self.settings.stop_grace_seconds:
-                        self._kill_step(proc, before)
+                        self._kill_step(proc, outcome)
                         stop_sent = float("inf")
                     continue
                 bad = self._bad_now(nodes)
@@ -382,7 +396,7 @@ class Runner:
                         self.report.say(f"stopping the step: it stalled on healthy nodes: {outcome.stalled}")
                         self.report.event("step_stopping", nodes=[], why=outcome.stalled)
                 if bad or outcome.stalled:
-                    self._terminate_step(proc, before)
+                    self._terminate_step(proc, outcome)
                     stop_sent = time.monotonic()
         finally:
             for s, handler in previous.items():
@@ -413,20 +427,23 @@ class Runner:
         except SlurmError:
             return set()
 
-    def _our_steps(self, before: Set[str]) -> List[str]:
-        return sorted(s.step_id for s in self._steps_since(before))
-
-    def _steps_since(self, before: Set[str]) -> List[Step]:
+    def _our_steps(self, outcome: StepOutcome) -> List[Step]:
+        """The steps our srun started: new since the attempt began, and started by our srun's pid
+        where Slurm says (SrunHost:Pid; the host is not compared: Slurm may name it otherwise than
+        SLURMD_NODENAME, and a job's sruns run on its batch host), so a concurrent step of the
+        same job, begun after ours, is never signalled (issue 11 review)."""
         try:
             steps = self.gateway.steps(self.job_id)
         except SlurmError:
             return []
-        return [s for s in steps if s.step_id not in before and not s.step_id.endswith((".batch", ".extern"))]
+        return [s for s in steps if s.step_id not in outcome.steps_before
+                and not s.step_id.endswith((".batch", ".extern"))
+                and s.srun_pid in (None, outcome.srun_pid)]
 
-    def _terminate_step(self, proc: subprocess.Popen, before: Set[str]) -> None:
+    def _terminate_step(self, proc: subprocess.Popen, outcome: StepOutcome) -> None:
         """SIGTERM to the step's tasks through Slurm, so the program gets its grace (a
         SIGTERM to srun itself makes srun kill the tasks at once)."""
-        steps = self._our_steps(before)
+        steps = [s.step_id for s in self._our_steps(outcome)]
         for step in steps:
             try:
                 self.gateway.signal_step(step, "TERM")
@@ -439,10 +456,11 @@ class Runner:
             except SlurmError as e:
                 self.report.say(f"could not signal step {step} ({e}); signalling srun")
                 steps = []
+                break
         if not steps:
             proc.send_signal(signal.SIGTERM)
 
-    def _clear_steps(self, before: Set[str], timeout: float = 60.0) -> List[str]:
+    def _clear_steps(self, outcome: StepOutcome, released: Sequence[str] = (), timeout: float = 60.0) -> List[str]:
         """Before the next attempt: the stopped step must be gone, or its nodes stay busy
         ("step creation temporarily disabled"). Returns the steps still there ([] = cleared).
 
@@ -450,10 +468,11 @@ class Runner:
         node left the job, when we released the node. When Slurm released it itself (a
         --no-kill job's node went DOWN), 22.05 keeps the step RUNNING on it for good, no
         process left anywhere (seen on the test cluster, issue 11 deliverable 7): such a
-        step, still there GHOST_SECONDS after the kill, is given up on at once."""
+        step, still there stuck_step_seconds after the kill on a node the job lost without us
+        releasing it, is given up on at once."""
         started = time.monotonic()
         while True:
-            left = self._steps_since(before)
+            left = self._our_steps(outcome)
             if not left:
                 return []
             for step in left:
@@ -462,7 +481,7 @@ class Runner:
                 except SlurmError:
                     pass  # gone meanwhile, a dead node, or slurmctld busy: looked at again below
             waited = time.monotonic() - started
-            ghosts = waited > GHOST_SECONDS and self._outside_the_job(left)
+            ghosts = waited > self.settings.stuck_step_seconds and self._on_lost_nodes(left, released)
             if ghosts or waited > timeout:
                 names = ", ".join(s.step_id for s in left)
                 self.report.say(f"step(s) {names} still there after {waited:.0f}s"
@@ -470,17 +489,18 @@ class Runner:
                 return [s.step_id for s in left]
             time.sleep(1.0)
 
-    def _outside_the_job(self, steps: List[Step]) -> bool:
+    def _on_lost_nodes(self, steps: List[Step], released: Sequence[str]) -> bool:
+        """Every step holds a node the job lost without our releasing it (Slurm dropped it)."""
         try:
-            holds = set(self.gateway.job(self.job_id).nodes)
+            holds = set(self.gateway.job(self.job_id).nodes) | set(released)
         except SlurmError:
             return False
         return all(set(s.nodes) - holds for s in steps)
 
-    def _kill_step(self, proc: subprocess.Popen, before: Set[str]) -> None:
+    def _kill_step(self, proc: subprocess.Popen, outcome: StepOutcome) -> None:
         """srun did not end within the grace: kill it, and have Slurm kill what it started."""
         proc.kill()
-        for step in self._our_steps(before):
+        for step in (s.step_id for s in self._our_steps(outcome)):
             try:
                 self.gateway.signal_step(step, "KILL")
             except SlurmError as e:
@@ -563,13 +583,19 @@ class Runner:
             return 1
         state.note("requeue", why=why, attempt=state.attempts)
         state.save(self.dir)
+        # Before the requeue, which kills us; taken back when it fails (a later requeue by Slurm
+        # itself must not read as this step's and refund other steps' attempts).
         write_json(self._requeue_mark(), {"restart_count": restarts, "step": state.step})
         self.report.say(f"requeueing job {self.job_id}: {why}; the job restarts on a fresh allocation "
                         f"and this step continues at attempt {state.attempts + 1} of {self.settings.max_attempts}")
         self.report.event("requeue", why=why, attempt=state.attempts)
         # Eligible at once: Slurm's own expedited requeue where the job has it (25.11+), else our
         # comment mark for the controller, the user's comment kept (issue 11, deliverable 6).
-        self.gateway.requeue(self.job_id, expedite=True)
+        try:
+            self.gateway.requeue(self.job_id, expedite=True)
+        except SlurmError:
+            self._requeue_mark().unlink(missing_ok=True)
+            raise
         # Slurm now kills this batch script, and us with it; nothing is left to race.
         self.sleep(120)
         self.report.say("still running 120 s after the requeue; giving up")

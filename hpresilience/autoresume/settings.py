@@ -6,7 +6,7 @@
 
 Environment (wins over the file): HPR_AUTO_RESUME_MAX_ATTEMPTS,
 HPR_AUTO_RESUME_MAX_REQUEUES, HPR_AUTO_RESUME_POLL_SECONDS, HPR_AUTO_RESUME_STOP_GRACE_SECONDS,
-HPR_AUTO_RESUME_FAILURE_WAIT_SECONDS, HPR_AUTO_RESUME_HANG_SECONDS,
+HPR_AUTO_RESUME_FAILURE_WAIT_SECONDS, HPR_AUTO_RESUME_STUCK_STEP_SECONDS, HPR_AUTO_RESUME_HANG_SECONDS,
 HPR_AUTO_RESUME_HANG_STARTUP_SECONDS, HPR_AUTO_RESUME_NODE_CHECK_TIMEOUT_SECONDS,
 HPR_AUTO_RESUME_NODE_CHECK_COMMAND, HPR_CHECKPOINT_DIR, HPR_STATE_DIR,
 HPR_MASTER_PORT, HPR_REAL_SRUN.
@@ -38,6 +38,9 @@ class AutoResumeSettings:
     state_dir: Optional[str] = None       # default: $SLURM_SUBMIT_DIR/.hpresilience (must survive a requeue)
     master_port: int = 29500              # MASTER_PORT of attempt 1; +1 per attempt (no TIME_WAIT clash)
     real_srun: Optional[str] = None       # default: the first srun on PATH that is not this shim
+    # A killed step still listed this long on a node the job lost without our releasing it is a
+    # --no-kill job's ghost (Slurm 22.05 keeps it for good): the job is requeued (issue 11).
+    stuck_step_seconds: float = 5.0
     # Hang detection (issue 11), opt-in: a step whose heartbeat and newest checkpoint both stay
     # still this long is stopped, its nodes get the quick check, and it is retried. With only
     # checkpoints as the signal, it must exceed the time between two checkpoints.
@@ -55,6 +58,8 @@ class AutoResumeSettings:
             raise ValueError(f"master_port {self.master_port} is not a usable port")
         if self.hang_seconds is not None and not self.hang_seconds > 0:
             raise ValueError(f"hang_seconds must be > 0 (or unset: no hang detection), not {self.hang_seconds}")
+        if not self.stuck_step_seconds >= 0:
+            raise ValueError(f"stuck_step_seconds must be >= 0, not {self.stuck_step_seconds}")
         if not self.hang_startup_seconds > 0 or not self.node_check_timeout_seconds > 0:
             raise ValueError("hang_startup_seconds and node_check_timeout_seconds must be > 0")
         self.node_check_argv()
@@ -83,6 +88,7 @@ _ENV = {
     "HPR_AUTO_RESUME_POLL_SECONDS": ("poll_seconds", float),
     "HPR_AUTO_RESUME_STOP_GRACE_SECONDS": ("stop_grace_seconds", float),
     "HPR_AUTO_RESUME_FAILURE_WAIT_SECONDS": ("failure_wait_seconds", float),
+    "HPR_AUTO_RESUME_STUCK_STEP_SECONDS": ("stuck_step_seconds", float),
     "HPR_AUTO_RESUME_HANG_SECONDS": ("hang_seconds", float),
     "HPR_AUTO_RESUME_HANG_STARTUP_SECONDS": ("hang_startup_seconds", float),
     "HPR_AUTO_RESUME_NODE_CHECK_TIMEOUT_SECONDS": ("node_check_timeout_seconds", float),

@@ -11,7 +11,7 @@ import signal
 import subprocess
 from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
-from .errors import JobNotFound, SlurmCommandError, SlurmNotInstalled
+from .errors import JobNotFound, SlurmCommandError, SlurmError, SlurmNotInstalled
 from .models import Job, Node, RequeuedJob, Reservation, Step, StepResult
 from .runner import CommandRunner, Target
 from .scontrol_parse import (
@@ -191,7 +191,7 @@ class ScontrolBackend:
                 continue
             try:
                 comment = self.job_comment(job_id)
-            except JobNotFound:
-                continue  # gone meanwhile (purged)
+            except SlurmError:
+                continue  # gone meanwhile (purged), or this one read failed: the others still count
             found.append(RequeuedJob(job_id, restarts, comment))
         return found

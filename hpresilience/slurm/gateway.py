@@ -195,19 +195,25 @@ class SlurmGateway:
         front of its Comment, and `hpresilience controller` then resets its StartTime
         (controller/expedite.py). The user's own comment is kept exactly, and never marked twice."""
         job_id = int(job_id)
-        if expedite and not self._slurm_expedites(job_id):
-            comment = self.backend.job_comment(job_id)   # the job's own, read so no other text forges it
-            marked = with_expedite_mark(comment)
-            if marked != comment:
-                try:
-                    self.backend.update_job(job_id, [("Comment", marked)])
-                except SlurmCommandError as e:
-                    # 22.05 refuses every update of a --no-kill job that holds a step on a node it
-                    # dropped ("Unexpected message received for job", issue 11): requeue all the same;
-                    # the job then waits Slurm's requeue delay unless job_submit.lua marked it.
-                    log.warning("slurm.expedite_mark_failed", job=job_id, error=str(e))
+        if expedite:
+            try:
+                self._mark_expedite(job_id)
+            except SlurmError as e:
+                # Requeue all the same: the job then waits Slurm's requeue delay unless job_submit.lua
+                # marked it. Seen: 22.05 refuses every update of a --no-kill job holding a step on a
+                # node it dropped ("Unexpected message received for job", issue 11); a slow slurmctld
+                # or an unreadable comment must not keep a job that needs a requeue from one either.
+                log.warning("slurm.expedite_mark_failed", job=job_id, error=str(e))
         self.backend.requeue_job(job_id)
         log.info("slurm.requeue", job=job_id, expedite=expedite)
+
+    def _mark_expedite(self, job_id: int) -> None:
+        if self._slurm_expedites(job_id):
+            return
+        comment = self.backend.job_comment(job_id)   # the job's own, read so no other text forges it
+        marked = with_expedite_mark(comment)
+        if marked != comment:
+            self.backend.update_job(job_id, [("Comment", marked)])
 
     def _slurm_expedites(self, job_id: int) -> bool:
         """Slurm makes this job eligible at once after a requeue (25.11+, submitted --requeue=expedite;

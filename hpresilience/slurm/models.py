@@ -171,6 +171,8 @@ class Step:
     state: str
     nodes: Tuple[str, ...] = ()
     name: str = ""
+    srun_host: Optional[str] = None        # where the step's srun runs, and its pid: which srun started it
+    srun_pid: Optional[int] = None
 
 
 @dataclass(frozen=True)

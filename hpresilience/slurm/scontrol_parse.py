@@ -316,11 +316,31 @@ def parse_reservations(text: str) -> List[Reservation]:
     return found
 
 
+# Printed after the step's Name (user text): the last occurrence is Slurm's.
+_SRUN_HOST_PID_RE = re.compile(r"\sSrunHost:Pid=(?P<host>[^\s:]+):(?P<pid>\d+)")
+
+
 def parse_steps(text: str) -> List[Step]:
+    r"""`scontrol -o show step`, one step per line.
+
+    >>> parse_steps("StepId=7.0 State=RUNNING NodeList=n[1-2] Name=x SrunHost:Pid=n1:4242")[0].srun_pid
+    4242
+    """
     if not text.strip() or text.strip().startswith("No job steps"):
         return []
-    return [Step(step_id=r["StepId"], state=r.get("State", ""), nodes=tuple(expand_or_empty(_opt(r.get("NodeList")))),
-                 name=r.get("Name", "")) for r in parse_records(text) if "StepId" in r]
+    steps = []
+    for line in text.splitlines():
+        if not line.strip() or "=" not in line:
+            continue
+        r = parse_record(line)
+        if "StepId" not in r:
+            continue
+        srun = list(_SRUN_HOST_PID_RE.finditer(line))
+        steps.append(Step(step_id=r["StepId"], state=r.get("State", ""),
+                          nodes=tuple(expand_or_empty(_opt(r.get("NodeList")))), name=r.get("Name", ""),
+                          srun_host=srun[-1].group("host") if srun else None,
+                          srun_pid=int(srun[-1].group("pid")) if srun else None))
+    return steps
 
 
 def parse_slurm_user(text: str) -> str:

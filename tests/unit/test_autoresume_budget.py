@@ -192,16 +192,17 @@ def test_no_program_is_refused_before_anything_runs(tmp_path):
 
 def test_a_checkpoint_directory_that_disappears_is_not_taken_for_no_progress(tmp_path):
     """Attempt 1 starts from a checkpoint and loses a node; attempt 2 finds its checkpoint directory gone and
-    loses another node: the runner says it cannot judge progress and goes on within the budget
-    (before, a missing directory read as "no progress" and ended the job)."""
-    model = SlurmModel("n[1-4]")
-    job_id = model.submit("n[1-4]", requeue=True)
+    loses another node, and so does attempt 3: the runner says it cannot judge progress and goes on
+    within the budget (before, a missing directory read as "no progress" and ended the job)."""
+    model = SlurmModel("n[1-6]")
+    job_id = model.submit("n[1-5]", requeue=True)
     ckpt = tmp_path / "ckpt"
     fake = tmp_path / "srun"
     fake.write_text(f"""#!/bin/sh
 case "$HPR_ATTEMPT" in
 1) ;;
 2) rm -rf {ckpt} ;;
+3) ;;
 *) exit 0 ;;
 esac
 touch {tmp_path}/started-$HPR_ATTEMPT
@@ -212,7 +213,7 @@ exec sleep 30
     gateway = SlurmGateway(model)
 
     def fail_a_node_per_attempt() -> None:
-        for attempt, victim in ((1, "n2"), (2, "n3")):
+        for attempt, victim in ((1, "n2"), (2, "n3"), (3, "n4")):
             while not (tmp_path / f"started-{attempt}").exists():
                 threading.Event().wait(0.02)
             gateway.set_state(victim, NodeState.FAIL, "Action: Replace; XID 79")
@@ -221,7 +222,7 @@ exec sleep 30
     failer.start()
     err = io.StringIO()
     settings = AutoResumeSettings(state_dir=str(tmp_path / "state"), poll_seconds=0.05, failure_wait_seconds=0,
-                                  checkpoint_dir=str(ckpt))
+                                  checkpoint_dir=str(ckpt), max_attempts=4)
     env = {"PATH": os.environ["PATH"], "SLURM_JOB_ID": str(job_id), "SLURM_RESTART_COUNT": "0"}
     code = Runner(parse(["--auto-resume", "-N2", "train.sh"]), settings, str(fake), gateway=gateway, env=env,
                   err=err, sleep=model.sleep).run()
@@ -229,8 +230,9 @@ exec sleep 30
     assert code == 0, err.getvalue()
     events = [json.loads(line) for line in
               (tmp_path / "state" / f"auto-resume-{job_id}.events.jsonl").read_text().splitlines()]
-    assert [e["attempt"] for e in events if e["event"] == "attempt_started"] == [1, 2, 3]
-    assert [e["event"] for e in events].count("checkpoints_gone") == 1
+    # Attempts 2 and 3 both failed with the directory gone (issue 11 review: the second was "no progress").
+    assert [e["attempt"] for e in events if e["event"] == "attempt_started"] == [1, 2, 3, 4]
+    assert [e["event"] for e in events].count("checkpoints_gone") == 2
     assert "progress cannot be judged" in err.getvalue() and "no progress:" not in err.getvalue()
 
 
@@ -265,3 +267,50 @@ def test_an_attempt_cut_short_by_slurms_own_requeue_still_counts(tmp_path):
     job.restart()
     assert job.srun("-N1", "monitor.sh")[0] == 0
     assert [e["attempt"] for e in job.events("attempt_started")] == [1, 2] and not job.events("interrupted")
+
+
+def test_a_given_back_attempt_does_not_bring_back_the_first_attempt_refusal_of_w(tmp_path):
+    """Issue 11 review: with its attempt given back, `-w n1` outside the new allocation was refused as
+    if the step had never run; it runs on other healthy nodes instead."""
+    job = batch_job(tmp_path, nodes="n[1-3]", cluster="n[1-6]")
+    assert job.srun("-w", "n1", "-N1", "monitor.sh")[0] == 0
+    _cut_short(job)
+    gateway = SlurmGateway(job.model)
+    gateway.set_state("n1", NodeState.FAIL, "Action: Replace; XID 79")
+    job.srun("-N3", "train.sh")                          # requeues: n1 failed
+    job.restart()
+    assert "n1" not in job.model.job(job.job_id).nodes
+    code, err = job.srun("-w", "n1", "-N1", "monitor.sh")
+    assert code == 0, err
+    assert job.events("interrupted") and not job.events("refused")
+
+
+def test_a_concurrent_step_of_the_job_is_never_signalled(tmp_path):
+    """Issue 11 review: a step started after ours (another srun of the script, its own pid) was taken for
+    ours and signalled when ours was stopped."""
+    model = SlurmModel("n[1-4]")
+    job_id = model.submit("n[1-4]", requeue=True)
+    fake = tmp_path / "srun"
+    fake.write_text(f"#!/bin/sh\n[ \"$HPR_ATTEMPT\" = 1 ] || exit 0\ntouch {tmp_path}/started\nexec sleep 30\n")
+    fake.chmod(0o755)
+    gateway = SlurmGateway(model)
+    other: List[str] = []
+
+    def another_step_then_a_fault() -> None:
+        while not (tmp_path / "started").exists():
+            threading.Event().wait(0.02)
+        other.append(model.start_step(job_id, "n[3-4]", srun_pid=1))   # not our srun
+        gateway.set_state("n2", NodeState.FAIL, "Action: Replace; XID 79")
+
+    threading.Thread(target=another_step_then_a_fault, daemon=True).start()
+    settings = AutoResumeSettings(state_dir=str(tmp_path / "state"), poll_seconds=0.05, failure_wait_seconds=0,
+                                  stop_grace_seconds=0.5)
+    env = {"PATH": os.environ["PATH"], "SLURM_JOB_ID": str(job_id), "SLURM_RESTART_COUNT": "0"}
+    err = io.StringIO()
+    code = Runner(parse(["--auto-resume", "-N2", "train.sh"]), settings, str(fake), gateway=gateway, env=env,
+                  err=err, sleep=model.sleep).run()
+    assert code == 0, err.getvalue()
+    assert "step_stopping" in [json.loads(line)["event"] for line in
+                               (tmp_path / "state" / f"auto-resume-{job_id}.events.jsonl").read_text().splitlines()]
+    assert other and not [w for w in model.writes if w.op == "signal_step" and w.target == other[0]]
+    assert other[0] in [s.step_id for s in gateway.steps(job_id)]

@@ -34,11 +34,16 @@ if output:                                 # the quick node check: each node's r
         with open(output[0].replace("%N", node), "w") as f:
             f.write(json.dumps(report.to_dict()) + "\\n")
     sys.exit(0)
-# The training step: attempt k beats up to PLAN[k-1] (a step number) and then hangs, or exits 0 at "done".
+# The training step: attempt k beats up to PLAN[k-1] (a step number) and then hangs, or exits 0 at "done";
+# "N!" hangs at N and exits 0 at SIGTERM (a handler that saves and leaves quietly).
 plan = os.environ["FAKE_PLAN"].split(",")
 todo = plan[int(os.environ["HPR_ATTEMPT"]) - 1]
 if todo == "done":
     sys.exit(0)
+if todo.endswith("!"):
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    todo = todo[:-1]
 for step in range(1, int(todo) + 1):
     with open(os.environ["HPR_PROGRESS_FILE"] + ".tmp", "w") as f:
         json.dump({{"step": step}}, f)
@@ -124,3 +129,18 @@ def test_a_step_that_never_beats_is_stopped_after_the_startup_allowance(tmp_path
 def test_without_hang_seconds_a_slow_step_is_left_alone(tmp_path):
     code, err, events, _, _ = run(tmp_path, "done", {}, hang_seconds=None)
     assert code == 0 and of(events, "attempt_started") and not of(events, "stalled")
+
+
+def test_a_stalled_step_that_exits_0_at_sigterm_is_not_taken_for_done(tmp_path):
+    """Issue 11 review: a program that saves and exits 0 at our SIGTERM had "succeeded"."""
+    code, err, events, _, _ = run(tmp_path, "5!,done", {})
+    assert code == 0, err
+    assert [e["attempt"] for e in of(events, "attempt_started")] == [1, 2]
+    assert [e["attempt"] for e in of(events, "step_succeeded")] == [2] and len(of(events, "stalled")) == 1
+
+
+def test_a_stall_on_the_last_attempt_ends_without_a_node_check(tmp_path):
+    """Issue 11 review: the check could change nothing, and cost up to node_check_timeout_seconds."""
+    code, err, events, _, _ = run(tmp_path, "5,done", {"n2": "FAIL"}, max_attempts=1)
+    assert code != 0 and of(events, "stalled")
+    assert not of(events, "node_check") and of(events, "gave_up")[-1]["reason"] == "attempts used up"

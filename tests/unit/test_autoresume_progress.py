@@ -40,12 +40,14 @@ def watch(clock, heartbeat=None, checkpoints=None, **kw) -> ProgressWatch:
 
 
 def test_startup_allowance_before_the_first_signal(tmp_path, clock):
+    """Startup plus one stall interval: the first signal may be a whole interval after startup
+    (checkpoints as the only signal: issue 11 review)."""
     w = watch(clock, heartbeat=tmp_path / "hb.json")
-    clock.now += 300
+    clock.now += 360
     assert w.poll() is None
     clock.now += 1
     why = w.poll()
-    assert why is not None and "since the attempt started 301s ago" in why and "no heartbeat yet" in why
+    assert why is not None and "since the attempt started 361s ago" in why and "no heartbeat yet" in why
     assert w.progress == Progress(None, None)
 
 
@@ -74,7 +76,7 @@ def test_each_attempt_gets_a_fresh_heartbeat_file(tmp_path, clock):
     second = attempt_heartbeat_file(tmp_path, 7, "abc.0", 2)
     assert second != first and not second.exists()
     w = watch(clock, heartbeat=second)
-    clock.now += 301
+    clock.now += 361
     assert "no heartbeat yet" in w.poll()           # attempt 1's beats are not attempt 2's progress
     # A step run again from attempt 1 (its count started over) finds no leftover either.
     assert attempt_heartbeat_file(tmp_path, 7, "abc.0", 1) == first and not first.exists()
@@ -86,7 +88,7 @@ def test_a_newer_checkpoint_is_progress_the_one_resumed_from_is_not(tmp_path, cl
     settle(ckpts.path)
     w = watch(clock, checkpoints=ckpts.path)
     assert w.progress == Progress(checkpoint_step=100)
-    clock.now += 301
+    clock.now += 361
     why = w.poll()
     assert why is not None and "checkpoint step 100 (from before this attempt)" in why
     w = watch(clock, checkpoints=ckpts.path)

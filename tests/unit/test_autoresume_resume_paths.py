@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from hpresilience.autoresume import runner as runner_module
 from hpresilience.autoresume.runner import Runner
 from hpresilience.autoresume.settings import AutoResumeSettings
 from hpresilience.autoresume.srun_args import parse
@@ -53,12 +52,11 @@ def test_a_gres_job_resumes_in_its_allocation_where_slurm_shrinks_it_else_by_req
         assert model.job(job_id).state == "PENDING"
 
 
-def test_a_no_kill_jobs_ghost_step_on_its_dead_node_gets_the_job_requeued(tmp_path: Path, monkeypatch):
+def test_a_no_kill_jobs_ghost_step_on_its_dead_node_gets_the_job_requeued(tmp_path: Path):
     """Issue 11, deliverable 7: when a --no-kill job's node goes DOWN, Slurm 22.05 drops the node
     from the job but keeps the step that had it RUNNING for good, so the job's other nodes stay
     busy and a new step would wait for ever. The runner kills srun, sees the step will not go, and
     requeues the job instead of starting an attempt that cannot start."""
-    monkeypatch.setattr(runner_module, "GHOST_SECONDS", 0.0)
     model = SlurmModel("n[1-4]")
     job_id = model.submit("n[1-3]", requeue=True, no_kill=True)
     fake = tmp_path / "srun"
@@ -68,15 +66,11 @@ def test_a_no_kill_jobs_ghost_step_on_its_dead_node_gets_the_job_requeued(tmp_pa
     def n2_dies_under_the_step() -> None:
         while not (tmp_path / "started").exists():
             threading.Event().wait(0.02)
-        with model._lock:   # one event: the step runs, n2 dies and Slurm marks it DOWN
-            model.start_step(job_id, "n[1-2]")
-            model.kill("n2")
-            model.advance(model.slurmd_timeout + 1)
-            model.tick()
+        model.lose_node("n2", step_of=job_id)
 
     threading.Thread(target=n2_dies_under_the_step, daemon=True).start()
     settings = AutoResumeSettings(state_dir=str(tmp_path / "state"), poll_seconds=0.05, failure_wait_seconds=0,
-                                  stop_grace_seconds=0.5)
+                                  stop_grace_seconds=0.5, stuck_step_seconds=0)
     env = {"PATH": os.environ["PATH"], "SLURM_JOB_ID": str(job_id), "SLURM_RESTART_COUNT": "0"}
     err = io.StringIO()
     Runner(parse(["--auto-resume", "-N2", "train.sh"]), settings, str(fake), gateway=SlurmGateway(model),
