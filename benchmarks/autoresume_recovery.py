@@ -24,6 +24,7 @@ SIGTERM (its chance to save), framework is what any restart of the program costs
 Between runs the controller repairs the node (XID 74 → Replace) before the next one.
 
     /work/main/.venv/bin/python benchmarks/autoresume_recovery.py [--runs 10] [--trainers stand-in,pytorch]
+        [--paths in-allocation,requeue]
 """
 from __future__ import annotations
 
@@ -149,11 +150,11 @@ def one_run(cluster: BenchCluster, env: Dict[str, str], trainer: str, path: str)
             "redone": before - resumed, "restart_count": result.get("restart_count", 0)}
 
 
-def measure(cluster: BenchCluster, runs: int, trainers: List[str]) -> Dict[str, object]:
+def measure(cluster: BenchCluster, runs: int, trainers: List[str], paths: List[str]) -> Dict[str, object]:
     env = dict(cluster.env, PATH=f"{REPO / 'scripts'}:{Path(sys.executable).parent}:{os.environ['PATH']}")
     results: Dict[str, object] = {}
     for trainer in trainers:
-        for path in PATHS:
+        for path in paths:
             samples = []
             for i in range(runs):
                 s = one_run(cluster, env, trainer, path)
@@ -172,13 +173,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--trainers", default="stand-in,pytorch")
+    parser.add_argument("--paths", default=",".join(PATHS))
     args = parser.parse_args()
     trainers = [t for t in args.trainers.split(",") if t]
-    if not set(trainers) <= {"stand-in", "pytorch"}:
-        parser.error("--trainers: stand-in and/or pytorch")
+    paths = [p for p in args.paths.split(",") if p]
+    if not set(trainers) <= {"stand-in", "pytorch"} or not set(paths) <= set(PATHS):
+        parser.error(f"--trainers: stand-in and/or pytorch; --paths: {' and/or '.join(PATHS)}")
     install_sigterm_handler()
     print_header(f"auto-resume recovery, {args.runs} runs per trainer and path")
-    results = run_on_cluster("autoresume", 4, lambda c: measure(c, args.runs, trainers),
+    results = run_on_cluster("autoresume", 4, lambda c: measure(c, args.runs, trainers, paths),
                              up_args=("--agents", "--controller"))
     print(json.dumps(results))
     goals: Dict[str, bool] = {}

@@ -379,7 +379,7 @@ class SlurmModel:
     def requeued_jobs(self) -> List[RequeuedJob]:
         """The backend's contract: requeued jobs (restarts >= 1) waiting for their BeginTime."""
         self._reachable(["squeue", "--states=PD"])
-        return [RequeuedJob(j.job_id, j.restarts, j.comment) for j in self._jobs.values()
+        return [RequeuedJob(j.job_id, j.restarts, j.comment, self._at(j.submit)) for j in self._jobs.values()
                 if j.state == "PENDING" and j.reason == "BeginTime" and j.restarts >= 1]
 
     @_locked
@@ -787,7 +787,7 @@ class SlurmModel:
 
     def _requeue(self, job: _Job) -> None:
         job.state, job.reason, job.steps, job.end = "PENDING", "BeginTime", {}, None
-        job.nodes, job.start = [], None
+        job.nodes, job.start, job.submit = [], None, self._t   # 22.05 resets SubmitTime at a requeue
         job.restarts += 1
         job.eligible = self._t + REQUEUE_DELAY_SECONDS
         if job.expedite:  # 25.11 batch_requeue_fini(): BeginTime 0, eligible at once (read, not run)

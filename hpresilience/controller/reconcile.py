@@ -109,7 +109,7 @@ class Reconciler:
             report.active = len(active)
             report.seconds = time.monotonic() - started
             return report
-        expedite_requeued(self.steps.gateway)
+        expedite_requeued(self.steps.gateway, now)
         if not breaker.tripped:
             for c in candidates:
                 wf = self._open(c, now)

@@ -16,6 +16,7 @@ from .models import Job, Node, RequeuedJob, Reservation, Step, StepResult
 from .runner import CommandRunner, Target
 from .scontrol_parse import (
     JOB_TABLE_FIELDS,
+    PENDING_JOB_FIELDS,
     USER_TEXT_FIELDS,
     has_expedited_requeue,
     job_from_record,
@@ -183,15 +184,14 @@ class ScontrolBackend:
         job's Comment read on its own: a comment may hold newlines and separators, and in
         a shared table it could forge another job's record, which the root controller
         would then update (issue 9, defect 12). Alone, whatever it holds is that job's."""
-        fields = "--Format=JobID:|,Reason:|,RestartCnt:|"   # ":|" = no padding, "|" after each
-        out = self.runner.run(["squeue", "--noheader", "--states=PD", fields], Target())
+        out = self.runner.run(["squeue", "--noheader", "--states=PD", PENDING_JOB_FIELDS], Target())
         found = []
-        for job_id, reason, restarts in parse_pending_jobs(out):
+        for job_id, reason, restarts, submitted in parse_pending_jobs(out):
             if reason != "BeginTime" or restarts < 1:
                 continue
             try:
                 comment = self.job_comment(job_id)
             except SlurmError:
                 continue  # gone meanwhile (purged), or this one read failed: the others still count
-            found.append(RequeuedJob(job_id, restarts, comment))
+            found.append(RequeuedJob(job_id, restarts, comment, submitted))
         return found

@@ -181,3 +181,4 @@ class RequeuedJob:
     job_id: int
     restart_count: int
     comment: str
+    requeued_at: Optional[dt.datetime] = None   # its SubmitTime, which Slurm resets at a requeue

@@ -355,16 +355,20 @@ def parse_slurm_user(text: str) -> str:
     return match.group("user")
 
 
-def parse_pending_jobs(text: str) -> List[Tuple[int, str, int]]:
-    r"""(job id, pending reason, restart count) rows of `squeue --Format=JobID:|,Reason:|,RestartCnt:|`.
+PENDING_JOB_FIELDS = "--Format=JobID:|,Reason:|,RestartCnt:|,SubmitTime:|"   # ":|": unpadded, "|" after
+
+
+def parse_pending_jobs(text: str) -> List[Tuple[int, str, int, Optional[dt.datetime]]]:
+    r"""(job id, pending reason, restart count, submit time) rows of `squeue PENDING_JOB_FIELDS`.
     None of these fields is user text, so a line is a record.
 
-    >>> parse_pending_jobs("12|BeginTime|1|\n13|Priority|0|\n")
+    >>> [row[:3] for row in parse_pending_jobs("12|BeginTime|1|2026-11-29T20:55:58|\n13|Priority|0|N/A|\n")]
     [(12, 'BeginTime', 1), (13, 'Priority', 0)]
     """
     rows = []
     for line in text.splitlines():
         parts = line.split("|")
         if len(parts) >= 3 and parts[0].strip().isdigit() and parts[2].strip().isdigit():
-            rows.append((int(parts[0]), parts[1].strip(), int(parts[2])))
+            submitted = parse_time(parts[3].strip()) if len(parts) >= 4 else None
+            rows.append((int(parts[0]), parts[1].strip(), int(parts[2]), submitted))
     return rows

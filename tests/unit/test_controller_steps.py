@@ -14,7 +14,7 @@ from hpresilience.slurm import NodeState, SlurmGateway
 from hpresilience.slurm.backend import ScontrolBackend
 from hpresilience.slurm.models import StepResult
 from hpresilience.slurm.runner import Target
-from hpresilience.slurm.scontrol_parse import parse_pending_jobs
+from hpresilience.slurm.scontrol_parse import PENDING_JOB_FIELDS, parse_pending_jobs
 from tests.decision_harness import ADMIN, OURS, Cluster, check_result
 
 XID_79 = ("XID_79", "GPU 3")
@@ -207,10 +207,12 @@ FORGED = "x\n999|BeginTime|1|hpr-expedite"
 
 
 def test_a_comment_cannot_forge_a_pending_job_record():
-    squeue = FakeSqueue([{"JobID": "12", "Reason": "BeginTime", "RestartCnt": "1", "Comment": FORGED},
-                         {"JobID": "13", "Reason": "BeginTime", "RestartCnt": "1", "Comment": "hpr-expedite"}])
-    table = squeue.run(["squeue", "--noheader", "--states=PD", "--Format=JobID:|,Reason:|,RestartCnt:|"])
-    assert parse_pending_jobs(table) == [(12, "BeginTime", 1), (13, "BeginTime", 1)]
+    squeue = FakeSqueue([{"JobID": "12", "Reason": "BeginTime", "RestartCnt": "1", "Comment": FORGED,
+                          "SubmitTime": "2026-11-29T20:55:58"},
+                         {"JobID": "13", "Reason": "BeginTime", "RestartCnt": "1", "Comment": "hpr-expedite",
+                          "SubmitTime": "2026-11-29T20:55:58"}])
+    table = squeue.run(["squeue", "--noheader", "--states=PD", PENDING_JOB_FIELDS])
+    assert [row[:3] for row in parse_pending_jobs(table)] == [(12, "BeginTime", 1), (13, "BeginTime", 1)]
     gateway = SlurmGateway(ScontrolBackend(runner=squeue))
     assert [j.job_id for j in gateway.requeued_jobs()] == [12, 13]
     assert expedite_requeued(gateway) == 1

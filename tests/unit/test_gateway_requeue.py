@@ -3,7 +3,7 @@ StartTime=now) and on 25.11+ (--requeue=expedite, Slurm's own), through the in-m
 deliverable 6). 25.11's behaviour is from its source (doc/man/man1/sbatch.1, slurmctld/job_mgr.c), not run."""
 import pytest
 
-from hpresilience.controller.expedite import expedite_requeued
+from hpresilience.controller.expedite import CREDENTIAL_MARGIN_SECONDS, expedite_requeued
 from hpresilience.slurm import SlurmGateway
 from hpresilience.slurm.reason import EXPEDITE_MARK
 from tests.slurm_model import REQUEUE_DELAY_SECONDS, SlurmModel
@@ -27,10 +27,11 @@ def test_expedite_marks_the_users_comment_once_then_the_controller_restores_it(m
     gw = SlurmGateway(model)
     gw.requeue(job, expedite=True)
     assert model.job(job).state == "PENDING" and model.job(job).extra["Comment"] == f"{EXPEDITE_MARK} {USER_TEXT}"
-    assert expedite_requeued(gw) == 1
+    model.advance(CREDENTIAL_MARGIN_SECONDS)        # see the credential test below
+    assert expedite_requeued(gw, model.clock()) == 1
     assert model.job(job).extra["Comment"] == USER_TEXT
     model.tick()
-    assert model.job(job).is_running   # eligible at once, not after the requeue delay
+    assert model.job(job).is_running   # eligible within 2 s, not after the requeue delay
 
 
 def test_a_job_marked_already_is_not_marked_twice(model):
@@ -63,3 +64,22 @@ def test_on_25_11_slurm_expedites_an_expedite_job_itself():
 def test_before_25_11_there_is_no_expedite_submit():
     with pytest.raises(ValueError):
         SlurmModel("n1").submit("n1", requeue=True, expedite=True)
+
+
+def test_a_requeued_job_is_never_made_eligible_within_the_second_its_credential_was_revoked():
+    """Issue 11: on 22.05 a requeued job started again in the second its node revoked its credential
+    (at the requeue) is killed at launch and ends FAILED; StartTime=now did that to 4 of 6 jobs on
+    the test cluster. The controller makes it eligible from the second whole second after the
+    requeue (a later pass: a future StartTime waited for Slurm's periodic scheduling, 12-30 s)."""
+    model = SlurmModel("n[1-2]")
+    model.advance(10.4)
+    job = model.submit("n1", requeue=True)
+    gw = SlurmGateway(model)
+    gw.requeue(job, expedite=True)                  # at 10.4 s: the credential is revoked in second 10
+    assert expedite_requeued(gw, model.clock()) == 0
+    model.advance(1.5)                              # 11.9 s
+    assert expedite_requeued(gw, model.clock()) == 0
+    model.advance(0.1)                              # 12.0 s
+    assert expedite_requeued(gw, model.clock()) == 1
+    (update,) = [w for w in model.writes if w.op == "update_job" and "StartTime" in w.fields]
+    assert update.fields["StartTime"] == "now" and update.time == model.now
