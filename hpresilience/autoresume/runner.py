@@ -241,6 +241,8 @@ class Runner:
             self.report.event("attempt_started", attempt=state.attempts, nodes=fold(nodes),
                               master_addr=env["MASTER_ADDR"], checkpoint=state.last_checkpoint_step)
             outcome = self._run_step(self.cmd.argv(nodes), env, nodes, watch)
+            if watch is not None and watch.heartbeat_file is not None:
+                watch.heartbeat_file.unlink(missing_ok=True)   # read for the last time above
             # A step we stopped is not done, even when the program saved and exited 0 at our
             # SIGTERM (issue 11 review: Lightning-style handlers do).
             if outcome.returncode == 0 and not (outcome.stopped_for or outcome.stalled):

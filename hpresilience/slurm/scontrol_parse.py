@@ -258,7 +258,7 @@ def parse_user_text_table(text: str, job_ids: Collection[int]) -> Dict[int, str]
     def alone(i: str) -> bool:
         return i.isdigit() and int(i) in job_ids and count[int(i)] == 1
 
-    return {int(ids[n]): line[len(ids[n]) + 1:-1] for n, line in enumerate(lines)
+    return {int(ids[n]): _user_value(line[len(ids[n]) + 1:-1]) for n, line in enumerate(lines)
             if alone(ids[n]) and line.endswith("|") and len(line) > len(ids[n]) and
             (n + 1 == len(lines) or alone(ids[n + 1]))}
 
@@ -274,8 +274,11 @@ def parse_user_text_one(text: str, job_id: int) -> str:
     body = text[:-1] if text.endswith("\n") else text
     if not body.startswith(prefix) or not body.endswith("|"):
         raise ParseError(f"squeue line of job {job_id}", text[:200])
-    value = body[len(prefix):-1]
-    return "" if value == "(null)" else value
+    return _user_value(body[len(prefix):-1])
+
+
+def _user_value(value: str) -> str:
+    return "" if value == "(null)" else value   # squeue's "no value"
 
 
 def has_expedited_requeue(text: str) -> bool:
