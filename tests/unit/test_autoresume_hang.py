@@ -20,13 +20,13 @@ from tests.slurm_model import SlurmModel
 FAKE_SRUN = """\
 #!{python}
 import json, os, sys, time
-from hpresilience.deepcheck.result import CheckResult, Level, Status, SuiteReport
-from hpresilience.slurm.hostlist import expand
 args = sys.argv[1:]
 with open(os.environ["FAKE_LOG"], "a") as f:
     f.write(json.dumps(args) + "\\n")
 output = [a[len("--output="):] for a in args if a.startswith("--output=")]
 if output:                                 # the quick node check: each node's report to its own file
+    from hpresilience.deepcheck.result import CheckResult, Level, Status, SuiteReport
+    from hpresilience.slurm.hostlist import expand
     verdicts = json.loads(os.environ["FAKE_VERDICTS"])
     for node in expand(args[args.index("-w") + 1]):
         status = Status[verdicts.get(node, "PASS")]
