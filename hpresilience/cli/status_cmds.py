@@ -20,6 +20,7 @@ from ..config import ConfigError
 from ..controller.config import DEFAULT_CONFIG_PATH, ControllerConfig
 from ..controller.journal import Breaker, Event, Journal, Workflow
 from ..slurm import CommandRunner, Node, ScontrolBackend, SlurmError, SlurmGateway
+from ..slurm.models import NODE_CATEGORIES
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -129,20 +130,6 @@ config_option = click.option(
 
 
 # ------------------------------------------------------------------- status
-def category(node: Node) -> str:
-    """One bucket per node for the summary: down, failed, drained, idle/allocated/mixed, or other
-    (not responding, rebooting, powered down, ...)."""
-    if node.is_down:
-        return "down"
-    if "FAIL" in node.flags:
-        return "failed"
-    if "DRAIN" in node.flags:
-        return "drained"
-    if node.available:
-        return node.state.lower()
-    return "other"
-
-
 def status_rows(nodes: List[Node], active: List[Workflow], now: float, show_all: bool,
                 deepchecks: Optional[Dict[str, Event]] = None) -> List[Dict[str, Any]]:
     """A row per node out of service or with a workflow (every node with show_all), in Slurm's
@@ -181,9 +168,8 @@ def gate_verdict(record: Dict[str, Any], when: str = "") -> str:
 
 
 def summary(nodes: List[Node], active: List[Workflow], journal: Optional[Path]) -> Dict[str, Any]:
-    counts = collections.Counter(category(n) for n in nodes)
-    return {"total": len(nodes),
-            **{c: counts[c] for c in ("idle", "allocated", "mixed", "drained", "failed", "down", "other")},
+    counts = collections.Counter(n.category for n in nodes)
+    return {"total": len(nodes), **{c: counts[c] for c in NODE_CATEGORIES},
             "workflows": dict(collections.Counter(w.step for w in active)),
             "journal": str(journal) if journal else None}
 

@@ -20,6 +20,9 @@ class ControllerMetrics:
         self.pass_errors = Counter("hpr_controller_pass_errors_total", "Passes that failed (Slurm, journal)",
                                    ["kind"], registry=r)
         self.nodes = Gauge("hpr_controller_nodes", "Nodes Slurm reported in the last pass", registry=r)
+        self.nodes_by_state = Gauge("hpr_controller_partition_nodes",
+                                    "Nodes of each partition by state in the last pass (idle, allocated, mixed, "
+                                    "drained, failed, down, other)", ["partition", "state"], registry=r)
         self.active = Gauge("hpr_controller_workflows_active", "Active workflows by step", ["step"], registry=r)
         self.started = Counter("hpr_controller_workflows_started_total", "Workflows started", ["action"], registry=r)
         self.finished = Counter("hpr_controller_workflows_finished_total", "Workflows finished",

@@ -11,6 +11,7 @@ workers never touch it (issue 9, defect 13).
 """
 from __future__ import annotations
 
+import collections
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +22,7 @@ import structlog
 
 from ..action import NodeAction
 from ..slurm import Node, SlurmError, SlurmGateway
+from ..slurm.models import NODE_CATEGORIES
 from ..slurm.reason import ReasonOwner
 from .config import ControllerConfig
 from .expedite import expedite_requeued
@@ -99,6 +101,7 @@ class Reconciler:
         for n in nodes:
             for p in n.partitions:
                 self.partition_sizes[p] = self.partition_sizes.get(p, 0) + 1
+        self._count_states(nodes)
         active = {wf.node: wf for wf in self.journal.active()}
         candidates = self._candidates(nodes, active, now)
         report.flagged = len(candidates) + len(active)
@@ -133,6 +136,15 @@ class Reconciler:
         report.active = len(self.journal.active())
         report.seconds = time.monotonic() - started
         return report
+
+    def _count_states(self, nodes: List[Node]) -> None:
+        """hpr_controller_partition_nodes{partition,state}, every state of every partition (0 included:
+        an alert divides by the partition's total), re-set each pass so gone partitions go (issue 12)."""
+        counts = collections.Counter((p, n.category) for n in nodes for p in n.partitions)
+        self.metrics.nodes_by_state.clear()
+        for partition in self.partition_sizes:
+            for state in NODE_CATEGORIES:
+                self.metrics.nodes_by_state.labels(partition, state).set(counts[(partition, state)])
 
     def _move(self, wf: Workflow, node: Optional[Node], now: float, paused: bool) -> None:
         current = self.steps.advance(wf, node, now)

@@ -15,6 +15,9 @@ REBOOT_FLAGS = frozenset({"REBOOT_REQUESTED", "REBOOT_ISSUED"})
 _MIG_PROFILE = re.compile(r"(?:^|[_-])(?:\d+c\.)?\d+g\.\d+gb(?:\+[a-z0-9.]+)?$", re.IGNORECASE)
 
 
+NODE_CATEGORIES = ("idle", "allocated", "mixed", "drained", "failed", "down", "other")   # Node.category
+
+
 @dataclass(frozen=True)
 class Node:
     name: str
@@ -102,6 +105,20 @@ class Node:
     @property
     def state_text(self) -> str:
         return "+".join([self.state, *sorted(self.flags)])
+
+    @property
+    def category(self) -> str:
+        """One bucket per node for `hpresilience status` and the controller's metrics: down,
+        failed, drained, idle/allocated/mixed, or other (not responding, rebooting, powered down, ...)."""
+        if self.is_down:
+            return "down"
+        if "FAIL" in self.flags:
+            return "failed"
+        if "DRAIN" in self.flags:
+            return "drained"
+        if self.available:
+            return self.state.lower()
+        return "other"
 
 
 @dataclass(frozen=True)
