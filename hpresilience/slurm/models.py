@@ -188,8 +188,7 @@ class Step:
     state: str
     nodes: Tuple[str, ...] = ()
     name: str = ""
-    srun_host: Optional[str] = None        # where the step's srun runs, and its pid: which srun started it
-    srun_pid: Optional[int] = None
+    srun_pid: Optional[int] = None         # SrunHost:Pid's pid: which srun started the step
 
 
 @dataclass(frozen=True)

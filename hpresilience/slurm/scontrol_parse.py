@@ -320,7 +320,7 @@ def parse_reservations(text: str) -> List[Reservation]:
 
 
 # Printed after the step's Name (user text): the last occurrence is Slurm's.
-_SRUN_HOST_PID_RE = re.compile(r"\sSrunHost:Pid=(?P<host>[^\s:]+):(?P<pid>\d+)")
+_SRUN_HOST_PID_RE = re.compile(r"\sSrunHost:Pid=[^\s:]+:(?P<pid>\d+)")
 
 
 def parse_steps(text: str) -> List[Step]:
@@ -341,7 +341,6 @@ def parse_steps(text: str) -> List[Step]:
         srun = list(_SRUN_HOST_PID_RE.finditer(line))
         steps.append(Step(step_id=r["StepId"], state=r.get("State", ""),
                           nodes=tuple(expand_or_empty(_opt(r.get("NodeList")))), name=r.get("Name", ""),
-                          srun_host=srun[-1].group("host") if srun else None,
                           srun_pid=int(srun[-1].group("pid")) if srun else None))
     return steps
 
