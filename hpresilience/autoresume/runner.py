@@ -73,6 +73,7 @@ class StepOutcome:
                                                                   # concurrent step of the same job
     stalled: Optional[str] = None                                 # why the progress watch stopped the step
     progress: Progress = field(default_factory=Progress)          # how far the step got (hang detection)
+    fault_seen_at: Optional[float] = None                         # we decided to stop it, or srun ended
 
 
 class Reporter:
@@ -224,6 +225,7 @@ class Runner:
                                                                   f"{wanted}-node step")
             nodes = self._choose(healthy, wanted)
             state.attempts += 1
+            self._report_resume(state, restarts)
             seen = self._checkpoint_step()
             if seen is not None or not self._checkpoints_gone(state):
                 # A vanished directory keeps the step seen last, so later attempts still know it
@@ -270,6 +272,8 @@ class Runner:
                 self.report.event("node_failure", nodes=sorted(bad), why=bad, returncode=outcome.returncode)
                 if self._no_progress(state):
                     return outcome.returncode
+            # Kept in the state file: a requeue's next attempt runs in another process (issue 12).
+            state.fault = {"at": outcome.fault_seen_at, "requeues": restarts}
             if state.attempts >= maximum:
                 self.report.say(f"attempts used up ({state.attempts} of {maximum}); exit {outcome.returncode}")
                 self.report.event("gave_up", reason="attempts used up", attempts=state.attempts)
@@ -398,6 +402,7 @@ class Runner:
                         self.report.say(f"stopping the step: it stalled on healthy nodes: {outcome.stalled}")
                         self.report.event("step_stopping", nodes=[], why=outcome.stalled)
                 if bad or outcome.stalled:
+                    outcome.fault_seen_at = time.time()
                     self._terminate_step(proc, outcome)
                     stop_sent = time.monotonic()
         finally:
@@ -406,6 +411,8 @@ class Runner:
             reader.join(timeout=5)
         code = proc.returncode
         outcome.returncode = code if code >= 0 else 128 - code
+        if outcome.fault_seen_at is None:
+            outcome.fault_seen_at = time.time()
         return outcome
 
     def _forward(self, proc: subprocess.Popen, signum: int, outcome: StepOutcome) -> None:
@@ -541,6 +548,18 @@ class Runner:
                         f"{now} as when attempt {state.attempts} started; not retrying")
         self.report.event("gave_up", reason="no progress", checkpoint=now)
         return True
+
+    def _report_resume(self, state: AttemptState, restarts: int) -> None:
+        """The attempt about to start resumes from a fault: how (in the allocation, or after a
+        requeue) and how long after the fault was seen; the controller counts these events
+        (hpr_autoresume_recoveries_total, issue 12). A fault the runner never saw (Slurm requeued
+        the job itself when its batch host died) has no start to measure from: not reported."""
+        if state.fault is None:
+            return
+        path = "requeue" if restarts > state.fault["requeues"] else "in_allocation"
+        self.report.event("resumed", attempt=state.attempts, path=path,
+                          seconds=round(max(0.0, time.time() - state.fault["at"]), 3))
+        state.fault = None
 
     # ----------------------------------------------------------------- requeue
     def _requeue_mark(self) -> Path:

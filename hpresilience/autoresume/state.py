@@ -82,6 +82,7 @@ class AttemptState:
     last_checkpoint_step: Optional[int] = None   # newest checkpoint when the last attempt started
     stall_progress: Optional[dict] = None        # Progress at the last stall (hang detection): a stall
                                                  # with none since ends the job, across requeues too
+    fault: Optional[dict] = None                 # {"at", "requeues"}: the fault the next attempt resumes from
     history: List[dict] = field(default_factory=list)
 
     @staticmethod

@@ -64,6 +64,9 @@ class ControllerSection:
     slurm_timeout_seconds: float = 15.0     # per scontrol call; a pass retries on the next interval
     metrics_address: str = "0.0.0.0"
     metrics_port: int = 9465                # 0 turns the Prometheus endpoint off
+    # srun --auto-resume's state_dir when it is set cluster-wide to a directory shared with this
+    # host: its events files feed hpr_autoresume_* (issue 12). Empty: no auto-resume metrics.
+    autoresume_state_dir: str = ""
     log_level: str = "info"
 
     def validate(self) -> None:

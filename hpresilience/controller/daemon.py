@@ -20,13 +20,13 @@ from prometheus_client import start_http_server
 from ..config import ConfigError
 from ..sdnotify import Notifier
 from ..slurm import CommandRunner, ScontrolBackend, SlurmError, SlurmGateway
+from .autoresume_events import AutoResumeEvents
 from .config import ControllerConfig
 from .journal import Journal, JournalError
 from .leader import LeaderLock
 from .metrics import ControllerMetrics
 from .providers import make_provider
 from .reconcile import PassReport, Reconciler
-from .workflow import Step
 
 log = structlog.get_logger(__name__)
 
@@ -57,9 +57,14 @@ class Controller:
         self.lock = LeaderLock(config.lock_path)
         self.reconciler = Reconciler(config, self.gateway, self.journal, make_provider(config.provider, self.gateway),
                                      metrics=self.metrics, heartbeat=self.notifier.watchdog)
+        self.autoresume_events = self._autoresume_events(config)
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._last: Optional[PassReport] = None
+
+    def _autoresume_events(self, config: ControllerConfig) -> Optional[AutoResumeEvents]:
+        directory = config.controller.autoresume_state_dir
+        return AutoResumeEvents(Path(directory), self.metrics) if directory else None
 
     def stop(self) -> None:
         self._stop.set()
@@ -76,6 +81,8 @@ class Controller:
         if config.controller.state_dir != self.config.controller.state_dir:
             log.error("controller.reload_failed", error="state_dir cannot change without a restart")
             return False
+        if config.controller.autoresume_state_dir != self.config.controller.autoresume_state_dir:
+            self.autoresume_events = self._autoresume_events(config)
         self.config = config
         self.gateway = controller_gateway(config)
         self.reconciler.reconfigure(config, self.gateway, make_provider(config.provider, self.gateway))
@@ -89,6 +96,8 @@ class Controller:
                 self.metrics.leader.set(0)
                 return
             log.info("controller.leader", lock=str(self.config.lock_path))
+            if self.autoresume_events is not None:
+                self.autoresume_events.start_counting()
         self.metrics.leader.set(1)
         started = time.monotonic()
         try:
@@ -107,13 +116,10 @@ class Controller:
         # that nothing happened (issue 9, defect 15).
         log.debug("controller.pass", nodes=report.nodes, flagged=report.flagged, active=report.active,
                   paused=report.paused, seconds=round(report.seconds, 3))
-        self.metrics.nodes.set(report.nodes)
         self.metrics.breaker.set(1 if report.paused else 0)
-        counts = {s.value: 0 for s in Step if s is not Step.DONE}
-        for wf in self.journal.active():
-            counts[wf.step] = counts.get(wf.step, 0) + 1
-        for step, n in counts.items():
-            self.metrics.active.labels(step).set(n)
+        self.metrics.last_pass.set(time.time())
+        if self.autoresume_events is not None:
+            self.autoresume_events.scan()
         self._last = report
 
     def status_text(self) -> str:

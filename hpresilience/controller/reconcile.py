@@ -11,26 +11,25 @@ workers never touch it (issue 9, defect 13).
 """
 from __future__ import annotations
 
-import collections
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import structlog
 
 from ..action import NodeAction
 from ..slurm import Node, SlurmError, SlurmGateway
-from ..slurm.models import NODE_CATEGORIES
 from ..slurm.reason import ReasonOwner
 from .config import ControllerConfig
 from .expedite import expedite_requeued
+from .fleet_metrics import RECENT_SECONDS, Unattended, export_nodes, export_repairs
 from .journal import Journal, Workflow
-from .metrics import ControllerMetrics
+from .metrics import ADMIT, ControllerMetrics
 from .providers import Provider
 from .verdict import is_unresponsive, ts
-from .workflow import ADMIT, Step, Steps
+from .workflow import Step, Steps
 
 log = structlog.get_logger(__name__)
 
@@ -101,19 +100,21 @@ class Reconciler:
         for n in nodes:
             for p in n.partitions:
                 self.partition_sizes[p] = self.partition_sizes.get(p, 0) + 1
-        self._count_states(nodes)
+        export_nodes(self.metrics, nodes)
         active = {wf.node: wf for wf in self.journal.active()}
-        candidates = self._candidates(nodes, active, now)
+        candidates, unattended = self._candidates(nodes, active, now)
         report.flagged = len(candidates) + len(active)
         breaker = self._check_breaker(candidates, now)
         report.paused = breaker.tripped
         if not self.automatic:
             self._recommend(candidates)
-            report.active = len(active)
+            report.active = self._export(nodes, unattended + self._waiting(candidates, "recommend_only"), now)
             report.seconds = time.monotonic() - started
             return report
-        expedite_requeued(self.steps.gateway, now)
-        if not breaker.tripped:
+        self.metrics.expedited.inc(expedite_requeued(self.steps.gateway, now))
+        if breaker.tripped:
+            unattended += self._waiting(candidates, "paused")
+        else:
             for c in candidates:
                 wf = self._open(c, now)
                 active[wf.node] = wf
@@ -133,18 +134,20 @@ class Reconciler:
             except SlurmError as e:
                 # slurmctld away, a refused command: the step is retried next pass.
                 log.warning("controller.step_error", node=wf.node, step=wf.step, error=str(e))
-        report.active = len(self.journal.active())
+        report.active = self._export(nodes, unattended, now)
         report.seconds = time.monotonic() - started
         return report
 
-    def _count_states(self, nodes: List[Node]) -> None:
-        """hpr_controller_partition_nodes{partition,state}, every state of every partition (0 included:
-        an alert divides by the partition's total), re-set each pass so gone partitions go (issue 12)."""
-        counts = collections.Counter((p, n.category) for n in nodes for p in n.partitions)
-        self.metrics.nodes_by_state.clear()
-        for partition in self.partition_sizes:
-            for state in NODE_CATEGORIES:
-                self.metrics.nodes_by_state.labels(partition, state).set(counts[(partition, state)])
+    def _export(self, nodes: List[Node], unattended: List[Unattended], now: float) -> int:
+        """The fleet's gauges as this pass leaves it (fleet_metrics); returns the active workflows."""
+        active = self.journal.active()
+        export_repairs(self.metrics, nodes, active, unattended, self.journal.history(since=now - RECENT_SECONDS),
+                       (s.value for s in Step if s is not Step.DONE), now)
+        return len(active)
+
+    @staticmethod
+    def _waiting(candidates: List[Candidate], why: str) -> List[Unattended]:
+        return [Unattended(c.node.name, why, c.detected_at) for c in candidates]
 
     def _move(self, wf: Workflow, node: Optional[Node], now: float, paused: bool) -> None:
         current = self.steps.advance(wf, node, now)
@@ -218,26 +221,39 @@ class Reconciler:
                 if error is not None:
                     log.error("controller.worker_error", node=node, error=f"{type(error).__name__}: {error}")
 
-    def _candidates(self, nodes: List[Node], active: Dict[str, Workflow], now: float) -> List[Candidate]:
-        found = []
+    def _candidates(self, nodes: List[Node], active: Dict[str, Workflow],
+                    now: float) -> Tuple[List[Candidate], List[Unattended]]:
+        """Nodes to open a workflow for, and nodes needing a repair that none will be opened for
+        (given up, handled before, silent with no power cycle possible yet): the latter only
+        feed hpr_controller_unattended_nodes (issue 12)."""
+        found: List[Candidate] = []
+        unattended: List[Unattended] = []
         for node in nodes:
             if node.name in active:
                 continue
+            since = ts(node.reason_time) if node.reason else None
             ours = node.action_reason
             if ours is not None:
                 self.first_silent.pop(node.name, None)
                 if node.is_drained or node.is_down:
-                    found.append(Candidate(node, ours.action, node.reason or "", ts(node.reason_time) or now))
+                    c = Candidate(node, ours.action, node.reason or "", since or now)
+                    if self._already_handled(c):
+                        unattended.append(Unattended(node.name, "gave_up", c.detected_at))
+                    else:
+                        found.append(c)
                 continue
+            if node.reason_owner is ReasonOwner.GAVE_UP:
+                unattended.append(Unattended(node.name, "gave_up", since or now))
             if not is_unresponsive(node):
                 self.first_silent.pop(node.name, None)
                 continue
-            since = ts(node.reason_time) if node.reason else None
             since = since or self.first_silent.setdefault(node.name, now)
             if (self.steps.config.workflow.power_cycle_unresponsive and self.steps.provider.can_power_cycle
                     and now - since >= self.steps.config.workflow.unresponsive_grace_seconds):
                 found.append(Candidate(node, NodeAction.POWER_CYCLE, node.reason or "Not responding", since))
-        return [c for c in found if not self._already_handled(c)]
+            else:
+                unattended.append(Unattended(node.name, "unresponsive", since))
+        return found, unattended
 
     def _already_handled(self, c: Candidate) -> bool:
         """The same flagging (same reason set at the same time) already had a workflow
@@ -274,6 +290,8 @@ class Reconciler:
             data["escalated"] = why
         wf = self.journal.open_workflow(c.node.name, action.value, c.reason, Step.DRAIN.value, c.detected_at, data)
         self.metrics.started.labels(wf.action).inc()
+        if why is not None:
+            self.metrics.escalations.labels(c.action.value).inc()
         log.info("controller.workflow_started", node=wf.node, workflow=wf.id, action=wf.action, reason=c.reason,
                  escalated=why)
         return wf

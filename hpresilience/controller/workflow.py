@@ -64,7 +64,7 @@ from ..slurm.models import StepResult
 from ..slurm.reason import GAVE_UP_PREFIX, Fault, ReasonOwner, format_reason, parse_reason, sanitize_reason
 from .config import LEVELS, ControllerConfig, expand_argv
 from .journal import Journal, Workflow
-from .metrics import ControllerMetrics
+from .metrics import ADMIT, ControllerMetrics
 from .providers import Provider, ProviderError, ProviderInterrupted
 from .verdict import DEEPCHECK_FAULT, Change, check_verdict, gate_record, gate_report, reason_change, summary, ts
 
@@ -92,7 +92,6 @@ class Step(str, enum.Enum):
     DONE = "done"
 
 
-ADMIT = "admit"   # the workflow action holding a new node until its deep check passes
 FIRST_EFFECT = {NodeAction.REBOOT: Step.REBOOT, NodeAction.REPLACE: Step.REPLACE,
                 NodeAction.POWER_CYCLE: Step.POWER_CYCLE}
 # Steps that run in a worker thread: they wait on a provider or on the node's checks.
@@ -340,8 +339,9 @@ class Steps:
             if written is None:
                 return
             node = written
-        self.to(wf, Step.REPLACE, {"escalated": why, "boot_before": ts(node.boot_time), **ATTEMPT_FACTS,
-                                   **self._seen(node)}, action=NodeAction.REPLACE.value)
+        if self.to(wf, Step.REPLACE, {"escalated": why, "boot_before": ts(node.boot_time), **ATTEMPT_FACTS,
+                                      **self._seen(node)}, action=NodeAction.REPLACE.value) is not None:
+            self.metrics.escalations.labels(wf.action).inc()
 
     def provider_step(self, wf: Workflow) -> None:
         """A worker: the provider replaces or power-cycles the node."""

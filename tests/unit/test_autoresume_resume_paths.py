@@ -15,6 +15,8 @@ import pytest
 from hpresilience.autoresume.runner import Runner
 from hpresilience.autoresume.settings import AutoResumeSettings
 from hpresilience.autoresume.srun_args import parse
+from hpresilience.controller.autoresume_events import AutoResumeEvents
+from hpresilience.controller.metrics import ControllerMetrics
 from hpresilience.slurm import NodeState, SlurmGateway
 from tests.slurm_model import SlurmModel
 
@@ -38,10 +40,11 @@ def test_a_gres_job_resumes_in_its_allocation_where_slurm_shrinks_it_else_by_req
     settings = AutoResumeSettings(state_dir=str(tmp_path / "state"), poll_seconds=0.05, failure_wait_seconds=0)
     env = {"PATH": os.environ["PATH"], "SLURM_JOB_ID": str(job_id), "SLURM_RESTART_COUNT": "0"}
     err = io.StringIO()
+    counter = AutoResumeEvents(tmp_path / "state", ControllerMetrics())
     code = Runner(parse(["--auto-resume", "-N2", "--gpus-per-node=2", "train.sh"]), settings, str(fake),
                   gateway=gateway, env=env, err=err, sleep=model.sleep).run()
-    events = [json.loads(line)["event"] for line in
-              (tmp_path / "state" / f"auto-resume-{job_id}.events.jsonl").read_text().splitlines()]
+    log = tmp_path / "state" / f"auto-resume-{job_id}.events.jsonl"
+    events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
     if shrinks:
         assert code == 0, err.getvalue()
         assert "nodes_released" in events and "requeue" not in events
@@ -50,6 +53,22 @@ def test_a_gres_job_resumes_in_its_allocation_where_slurm_shrinks_it_else_by_req
         assert "requeue" in events and "nodes_released" not in events
         assert "Slurm would not release n2 from the job" in err.getvalue()
         assert model.job(job_id).state == "PENDING"
+        # The batch script runs again after the requeue: a new runner process, attempt 2.
+        model.advance(130)    # the requeued job's BeginTime (no controller here to expedite it)
+        assert model.job(job_id).is_running
+        env["SLURM_RESTART_COUNT"] = "1"
+        assert Runner(parse(["--auto-resume", "-N2", "--gpus-per-node=2", "train.sh"]), settings, str(fake),
+                      gateway=gateway, env=env, err=err, sleep=model.sleep).run() == 0, err.getvalue()
+    # What the controller counts (issue 12): one recovery, by its path, timed from the fault.
+    (resumed,) = [e for e in map(json.loads, log.read_text().splitlines()) if e["event"] == "resumed"]
+    assert (resumed["path"], resumed["attempt"]) == ("in_allocation" if shrinks else "requeue", 2)
+    assert 0 <= resumed["seconds"] < 60
+    # ...and the controller reading the shared state directory counts it so.
+    counter.scan()
+    registry = counter.metrics.registry
+    assert registry.get_sample_value("hpr_autoresume_recoveries_total", {"path": resumed["path"]}) == 1
+    assert registry.get_sample_value("hpr_autoresume_recovery_seconds_sum", {"path": resumed["path"]}) == \
+        pytest.approx(resumed["seconds"])
 
 
 def test_a_no_kill_jobs_ghost_step_on_its_dead_node_gets_the_job_requeued(tmp_path: Path):

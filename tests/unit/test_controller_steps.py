@@ -250,19 +250,3 @@ def test_a_worker_step_never_changes_the_passs_own_state(tmp_path):
         assert (dict(reconciler.inflight), reconciler.remediating) == (inflight, remediating)
     assert only_workflow(cluster, "n1").step == "replace"   # the worker did its work: escalated
 
-
-# ------------------------------------------------------------------ issue 12: nodes by state
-def test_each_pass_counts_every_partitions_nodes_by_state(cluster):
-    """hpr_controller_partition_nodes{partition,state}: every state present (0 included), so an alert
-    can divide a partition's nodes out by its total."""
-    def count(state: str) -> float:
-        return cluster.reconciler.metrics.registry.get_sample_value(
-            "hpr_controller_partition_nodes", {"partition": "train", "state": state})
-
-    cluster.run_pass()
-    assert count("idle") == 4 and count("failed") == 0 and count("down") == 0
-    cluster.flag("n2", NodeAction.REBOOT, "XID_79")
-    with cluster.model.as_user(ADMIN):
-        SlurmGateway(cluster.model).set_state("n3", NodeState.DRAIN, "disk swap by Ann")
-    cluster.run_pass()
-    assert (count("idle"), count("failed"), count("drained")) == (2, 1, 1)
