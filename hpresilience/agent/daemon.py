@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import structlog
 from prometheus_client import start_http_server
@@ -27,9 +27,9 @@ from .actuator import Actuator, Outcome
 from .config import AgentConfig
 from .kernel_rules import RulesError, RuleSet, load_rules
 from .logsource import LogSource, open_source
-from .metrics import AgentMetrics
+from .metrics import AgentMetrics, Loop
 from .monitor import Monitor, MonitorError
-from .monitors.nvml import NvmlMonitor, gpu_for_pci_bus_id
+from .monitors.nvml import NvmlErrorKind, NvmlMonitor, gpu_for_pci_bus_id, ignore_error
 from .monitors.system import SystemMonitor
 from .node import STAMP_SLACK_SECONDS, boot_time, node_name
 from .policy import Policy
@@ -53,10 +53,11 @@ def agent_gateway() -> SlurmGateway:
     return SlurmGateway(ScontrolBackend(CommandRunner(timeout=SCONTROL_TIMEOUT, attempts=1)))
 
 
-def build_monitors(config: AgentConfig) -> List[Monitor]:
+def build_monitors(config: AgentConfig, on_nvml_error: Callable[[NvmlErrorKind], None] = ignore_error
+                   ) -> List[Monitor]:
     monitors: List[Monitor] = []
     if config.nvml.enabled:
-        monitors.append(NvmlMonitor(config.nvml))
+        monitors.append(NvmlMonitor(config.nvml, on_error=on_nvml_error))
     if config.system.enabled:
         monitors.append(SystemMonitor(config.system))
     return monitors
@@ -113,7 +114,8 @@ class Agent:
         self.policy.drop_events_before(self.boot_time)
         self.actuator = Actuator(self.gateway, self.node_name, dry_run=config.agent.dry_run,
                                  shared_cause=config.policy.shared_cause)
-        self.monitors = build_monitors(self._with_expected_gpus(config))
+        self.monitors = build_monitors(self._with_expected_gpus(config), self.metrics.nvml_error)
+        self.metrics.watch([m.name for m in self.monitors], [s.name for s in sources])
 
     def _with_expected_gpus(self, config: AgentConfig) -> AgentConfig:
         """Without nvml.expected_gpus, expect the physical GPUs Slurm's Gres says the node has: a GPU missing
@@ -154,22 +156,28 @@ class Agent:
     # ---------------------------------------------------------------- loops
     def _monitor_loop(self, monitors: List[Monitor], stop: threading.Event) -> None:
         while not stop.is_set():
-            for monitor in monitors:
-                if stop.is_set():
-                    return  # reloaded meanwhile: do not write findings for the old configuration
-                try:
-                    findings = run_monitor(monitor, self.metrics)
-                except Exception:
-                    self.metrics.loop_errors.inc()
-                    log.exception("agent.monitor_error", check=monitor.name)
-                    continue
-                if findings is None:
-                    continue  # keep the last known state: "the checker failed" is not "healthy"
-                self._record(findings, monitor.name)
-                with self._lock:
-                    if not stop.is_set():
-                        self._state_findings[monitor.name] = findings
+            self.check_once(monitors, stop)
             stop.wait(self.config.agent.check_interval_seconds)
+
+    def check_once(self, monitors: List[Monitor], stop: threading.Event) -> None:
+        """One pass of the check loop: every monitor once."""
+        for monitor in monitors:
+            if stop.is_set():
+                return  # reloaded meanwhile: do not write findings for the old configuration
+            try:
+                findings = run_monitor(monitor, self.metrics)
+            except Exception:
+                self.metrics.loop_errors.inc()
+                log.exception("agent.monitor_error", check=monitor.name)
+                continue
+            if findings is None:
+                continue  # keep the last known state: "the checker failed" is not "healthy"
+            self._record(findings, monitor.name)
+            with self._lock:
+                if not stop.is_set():
+                    self._state_findings[monitor.name] = findings
+        # A monitor that failed still finished its pass; only one that never returns stops this clock (issue 12).
+        self.metrics.passed(Loop.CHECKS)
 
     def _record(self, findings: List[Finding], source: str) -> None:
         for finding in findings:
@@ -196,7 +204,9 @@ class Agent:
             # Measured before the read, when the backlog is largest: after it, the gauge
             # would only ever show how little was left (it under-reported 5x in a flood).
             self.metrics.log_lag.labels(source.name).set(source.lag_bytes())
+            errors = source.errors
             lines = source.read(budget)
+            self.metrics.log_errors.labels(source.name).inc(source.errors - errors)
             self.metrics.log_lines.labels(source.name).inc(len(lines))
             # line.kernel_line: the message with the kernel's own stamp (issue 9, defect 10), None
             # for a line the kernel did not write or a file line without a date (defect 9).
@@ -248,8 +258,12 @@ class Agent:
         return outcome
 
     def poll_once(self) -> Optional[Outcome]:
+        """One pass of the main loop: read the kernel log, then decide and act."""
         self.read_kernel_log()
-        return self.decide_and_act()
+        outcome = self.decide_and_act()
+        # Only a pass that got here counts: one that raises every time is as stuck as a hung one (issue 12).
+        self.metrics.passed(Loop.KERNEL_LOG)
+        return outcome
 
     def reload(self) -> bool:
         """Re-read the config file; keep running on the old one if it is bad."""

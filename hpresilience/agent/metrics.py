@@ -1,10 +1,29 @@
 """The agent's Prometheus metrics, in their own registry (one per Agent, so
-tests and a reload never collide with a previous instance)."""
+tests and a reload never collide with a previous instance).
+
+Every label has a bounded set of values: check and source names come from the
+configuration, the rest from enums here. Those known in advance are
+initialised (counters at 0) so a dashboard or an alert gets a series before the
+first event (issue 12). hpr_agent_check_healthy is left unset until a check's
+first pass: any value before it (1, 0, -1) would be a claim nobody checked."""
 from __future__ import annotations
 
+import enum
+import time
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ..action import NodeAction
+from .actuator import Outcome
+from .monitors.nvml import NvmlErrorKind
+
+
+class Loop(str, enum.Enum):
+    """The agent's loops, the `loop` label of hpr_agent_last_pass_timestamp_seconds."""
+    CHECKS = "checks"          # the monitor thread: NVML and system checks
+    KERNEL_LOG = "kernel_log"  # the main thread: kernel-log reading and decisions
 
 
 @dataclass
@@ -28,7 +47,40 @@ class AgentMetrics:
                                  registry=r)
         self.log_lag = Gauge("hpr_agent_kernel_log_lag_bytes", "Bytes written to the kernel log not yet read",
                              ["source"], registry=r)
+        self.log_errors = Counter("hpr_agent_kernel_log_errors_total", "Errors of a kernel-log source: I/O error, "
+                                  "file missing or unreadable, journalctl failed to start or exited",
+                                  ["source"], registry=r)
+        self.nvml_errors = Counter("hpr_agent_nvml_errors_total", "NVML calls that failed, by kind", ["kind"],
+                                   registry=r)
+        self.last_pass = Gauge("hpr_agent_last_pass_timestamp_seconds", "Unix time the loop last completed a "
+                               "pass (the agent's start until its first)", ["loop"], registry=r)
         self.loop_errors = Counter("hpr_agent_loop_errors_total", "Unexpected errors caught in the agent's loops",
                                    registry=r)
         self.pending_events = Gauge("hpr_agent_pending_events", "Kernel-log findings not yet applied to Slurm",
                                     registry=r)
+        for kind in NvmlErrorKind:
+            self.nvml_errors.labels(kind.value)
+        for action in NodeAction:
+            if action.reason_word:  # the actions a decision can take (no finding asks for none or power_cycle)
+                for outcome in Outcome:
+                    self.actions.labels(action.value, outcome.value)
+        # From the start, not 0: `time() - hpr_agent_last_pass_timestamp_seconds > 300` then fires for a
+        # loop that never completes its first pass, and not for an agent scraped before its first pass.
+        started = time.time()
+        for loop in Loop:
+            self.last_pass.labels(loop.value).set(started)
+
+    def watch(self, checks: Iterable[str], sources: Iterable[str]) -> None:
+        """Initialises the series of the configured checks and sources (again after a reload)."""
+        for check in checks:
+            self.check_errors.labels(check)
+            self.check_duration.labels(check)
+        for source in sources:
+            self.log_lines.labels(source)
+            self.log_errors.labels(source)
+
+    def nvml_error(self, kind: NvmlErrorKind) -> None:
+        self.nvml_errors.labels(kind.value).inc()
+
+    def passed(self, loop: Loop) -> None:
+        self.last_pass.labels(loop.value).set(time.time())

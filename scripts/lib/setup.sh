@@ -15,7 +15,7 @@ hpr_apt_install() {
     [ -x /usr/sbin/munged ] || command -v munged >/dev/null || missing+=(munge)
     command -v unshare >/dev/null || missing+=(util-linux)
     command -v stress-ng >/dev/null || missing+=(stress-ng)   # the cpu_memory deep check (issue 10)
-    command -v promtool >/dev/null || missing+=(prometheus)  # promtool for the alert rules' tests (issue 12)
+    { command -v promtool && command -v prometheus; } >/dev/null || missing+=(prometheus)  # promtool: the rules' tests; prometheus: the live dashboard test (issue 12)
     command -v python3 >/dev/null || missing+=(python3)
     python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
     [ ${#missing[@]} -eq 0 ] && return 0

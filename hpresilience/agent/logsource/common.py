@@ -49,6 +49,12 @@ class LogSource(Protocol):
         """Bytes known to be waiting that read() has not returned yet."""
         ...
 
+    @property
+    def errors(self) -> int:
+        """Errors of the source itself since it was opened (I/O error, file missing or unreadable,
+        journalctl failed to start or exited); the agent exports them per source (issue 12)."""
+        ...
+
     def close(self) -> None:
         ...
 
@@ -58,16 +64,29 @@ class LogSourceError(Exception):
 
 
 class Anomalies:
-    """Logs each anomaly once when it starts, not on every poll while it lasts."""
+    """Logs each anomaly once when it starts, not on every poll while it lasts, and counts
+    every occurrence in `errors` (a source's errors, hpr_agent_kernel_log_errors_total, issue 12):
+    a file missing for an hour is one log line but an error on every poll, so the rate shows it lasts."""
 
     def __init__(self, source: str) -> None:
         self._source = source
         self._active: Set[str] = set()
+        self.errors = 0
 
     def report(self, key: str, event: str, **fields: Any) -> None:
+        self.errors += 1
+        self.note(key, event, **fields)
+
+    def note(self, key: str, event: str, **fields: Any) -> None:
+        """Logs an anomaly once, like report(), without counting it as an error: nothing failed yet."""
         if key not in self._active:
             self._active.add(key)
             log.warning(event, source=self._source, **fields)
+
+    def occurred(self, event: str, **fields: Any) -> None:
+        """A one-off error, logged and counted every time: each is its own event."""
+        self.errors += 1
+        log.warning(event, source=self._source, **fields)
 
     def resolved(self, key: str, event: Optional[str] = None, **fields: Any) -> None:
         if key in self._active:

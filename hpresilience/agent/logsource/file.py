@@ -122,6 +122,10 @@ class FileSource:
             pass
         return lag
 
+    @property
+    def errors(self) -> int:
+        return self._anomalies.errors
+
     def close(self) -> None:
         if self._closed:
             return
@@ -261,8 +265,10 @@ class FileSource:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            self._anomalies.report("missing", "logsource.file_missing", path=str(self.path),
-                                   detail="will read it from its start when it appears")
+            # Not an error yet: the open file is still read to its end (a rotation between rename and
+            # create is normal); once it is closed, each read that finds no file counts (issue 12).
+            self._anomalies.note("missing", "logsource.file_missing", path=str(self.path),
+                                 detail="will read it from its start when it appears")
             if os.fstat(self._fd).st_nlink == 0:
                 raws.extend(self._splitter.flush())
                 os.close(self._fd)

@@ -116,6 +116,10 @@ class JournalSource:
             return self._splitter.held
         return struct.unpack("i", buf)[0] + self._splitter.held
 
+    @property
+    def errors(self) -> int:
+        return self._anomalies.errors
+
     def close(self) -> None:
         if self._closed:
             return
@@ -178,8 +182,9 @@ class JournalSource:
             self._since = time.time()
         if now - self._started_at >= _HEALTHY_RUN_SECONDS:
             self._backoff = _BACKOFF_MIN_SECONDS
-        log.warning("logsource.journalctl_exited", source=self.name, returncode=rc, stderr=stderr,
-                    restart_in_seconds=self._backoff)
+        # `journalctl --follow` never ends by itself: every exit is an error of the source.
+        self._anomalies.occurred("logsource.journalctl_exited", returncode=rc, stderr=stderr,
+                                 restart_in_seconds=self._backoff)
         self._schedule_restart(now)
 
     def _schedule_restart(self, now: float) -> None:

@@ -142,6 +142,10 @@ class KmsgSource:
         """0 once a read reached the end of the ring; else a lower bound (the kernel does not say how much)."""
         return 0 if self._drained else 1
 
+    @property
+    def errors(self) -> int:
+        return self._anomalies.errors
+
     def close(self) -> None:
         if self._closed:
             return

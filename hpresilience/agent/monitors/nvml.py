@@ -46,6 +46,7 @@ counts physical GPUs, MIG or not.
 from __future__ import annotations
 
 import ctypes
+import enum
 import queue
 import re
 import threading
@@ -106,8 +107,23 @@ _LOST = (pynvml.NVMLError_GpuIsLost, pynvml.NVMLError_ResetRequired)
 # Answers that mean the NVML session itself is gone: nothing answers again until nvmlShutdown and a new init.
 _SESSION_DEAD = (pynvml.NVMLError_Uninitialized, pynvml.NVMLError_DriverNotLoaded,
                  pynvml.NVMLError_LibRmVersionMismatch)
+# Answers the collector expects and handles: "not here", a lost GPU (a finding, not a failed call),
+# the event wait's "no event" and the link probe's "past the last link".
+_ANSWERS = (*_ABSENT, *_LOST, pynvml.NVMLError_Timeout, pynvml.NVMLError_InvalidArgument)
 # Several checks in a row, not one: a driver being reloaded answers like this for a moment too.
 REINIT_AFTER_FAILED_CHECKS = 3
+
+
+class NvmlErrorKind(str, enum.Enum):
+    """How an NVML call failed: the `kind` label of hpr_agent_nvml_errors_total (issue 12)."""
+    TIMEOUT = "timeout"                        # hung past call/pass timeout, or refused while one still hangs
+    LIBRARY_MISSING = "library_missing"        # no libnvidia-ml.so.1: the monitor disables itself
+    DRIVER_UNAVAILABLE = "driver_unavailable"  # driver not loaded, session uninitialised, library/module mismatch
+    ERROR = "error"                            # any other failed call
+
+
+def ignore_error(kind: NvmlErrorKind) -> None:
+    """The error sink of a monitor nobody exports metrics for (`hpresilience check`, deepcheck's gpu_count)."""
 
 
 @dataclass
@@ -413,10 +429,12 @@ class NvmlCollector:
 
     Not thread-safe: one thread (the monitor's NVML thread) does all the calls."""
 
-    def __init__(self, config: NvmlConfig, call: Callable[..., Any], clock: Callable[[], float]) -> None:
+    def __init__(self, config: NvmlConfig, call: Callable[..., Any], clock: Callable[[], float],
+                 on_error: Callable[[NvmlErrorKind], None] = ignore_error) -> None:
         self._config = config
         self._nvml = call
         self._clock = clock
+        self._on_error = on_error
         self._closed = False
         self._initialized = False
         self._session_error: Optional[pynvml.NVMLError] = None  # a session-dead answer in the current pass
@@ -501,11 +519,21 @@ class NvmlCollector:
         self._shutdown()
 
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Every NVML call of the collector; notes session-dead answers for _judge_session."""
+        """Every NVML call of the collector; notes session-dead answers for _judge_session and
+        reports each failed call by kind (issue 12)."""
         try:
             return self._nvml(fn, *args)
         except _SESSION_DEAD as e:
             self._session_error = e
+            self._on_error(NvmlErrorKind.DRIVER_UNAVAILABLE)
+            raise
+        except _ANSWERS:
+            raise
+        except pynvml.NVMLError_LibraryNotFound:
+            self._on_error(NvmlErrorKind.LIBRARY_MISSING)
+            raise
+        except pynvml.NVMLError:
+            self._on_error(NvmlErrorKind.ERROR)
             raise
 
     def _start(self) -> None:
@@ -721,8 +749,10 @@ class NvmlThread:
     timeouts; a hung call leaves this thread stuck (NVML calls cannot be
     interrupted) and further work is refused until it returns."""
 
-    def __init__(self, tracker: CallTracker, call_timeout: float, pass_timeout: float) -> None:
+    def __init__(self, tracker: CallTracker, call_timeout: float, pass_timeout: float,
+                 on_error: Callable[[NvmlErrorKind], None]) -> None:
         self._tracker = tracker
+        self._on_error = on_error  # hears of each timeout (issue 12)
         self._call_timeout = call_timeout
         self._pass_timeout = pass_timeout
         self._jobs: queue.SimpleQueue[Optional[_Job]] = queue.SimpleQueue()
@@ -736,7 +766,7 @@ class NvmlThread:
 
     def run(self, work: Callable[[], T]) -> T:
         if self.busy:
-            raise MonitorError(f"NVML still hung from an earlier check ({self._describe()}); not calling it again")
+            raise self._timeout(f"NVML still hung from an earlier check ({self._describe()}); not calling it again")
         job = self._last = _Job(work)
         self._jobs.put(job)
         started = time.monotonic()
@@ -744,15 +774,19 @@ class NvmlThread:
         while not job.done.wait(poll):
             in_flight = self._tracker.in_flight()
             if in_flight and in_flight[1] > self._call_timeout:
-                raise MonitorError(f"NVML call did not return within {self._call_timeout:g}s ({self._describe()})")
+                raise self._timeout(f"NVML call did not return within {self._call_timeout:g}s ({self._describe()})")
             if time.monotonic() - started > self._pass_timeout:
-                raise MonitorError(f"NVML pass took longer than {self._pass_timeout:g}s ({self._describe()})")
+                raise self._timeout(f"NVML pass took longer than {self._pass_timeout:g}s ({self._describe()})")
         if job.error is not None:
             raise job.error
         return job.result
 
     def stop(self) -> None:
         self._jobs.put(None)
+
+    def _timeout(self, message: str) -> MonitorError:
+        self._on_error(NvmlErrorKind.TIMEOUT)
+        return MonitorError(message)
 
     def _describe(self) -> str:
         in_flight = self._tracker.in_flight()
@@ -776,15 +810,19 @@ class NvmlMonitor:
 
     name = MONITOR
 
-    def __init__(self, config: Optional[NvmlConfig] = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: Optional[NvmlConfig] = None, clock: Callable[[], float] = time.monotonic,
+                 on_error: Callable[[NvmlErrorKind], None] = ignore_error) -> None:
+        """`on_error` hears of every failed NVML call, also from the NVML thread after a check
+        gave up waiting on it (the agent counts them, issue 12)."""
         self.config = config or NvmlConfig()
+        self._on_error = on_error
         self.disabled_reason: Optional[str] = None
         self.closed = False  # for good: see close()
         self._lock = threading.Lock()  # close() may run on another thread than a late check()
         self._clock = clock
         self.started_at = clock()
         self._tracker = CallTracker()
-        self._collector = NvmlCollector(self.config, self._tracker, clock)
+        self._collector = NvmlCollector(self.config, self._tracker, clock, on_error)
         self._thread: Optional[NvmlThread] = None
         self._previous: Optional[NvmlSnapshot] = None
         self._history = SnapshotHistory(self.config.nvlink_window_seconds)
@@ -803,7 +841,7 @@ class NvmlMonitor:
                 return []
             if self._thread is None:
                 self._thread = NvmlThread(self._tracker, self.config.call_timeout_seconds,
-                                          self.config.pass_timeout_seconds)
+                                          self.config.pass_timeout_seconds, self._on_error)
             thread = self._thread
         try:
             snapshot = thread.run(self._collector.collect)
