@@ -11,9 +11,10 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Set
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 from ..action import NodeAction
 from .actuator import Outcome
@@ -32,6 +33,8 @@ class AgentMetrics:
 
     def __post_init__(self) -> None:
         r = self.registry
+        self._checks: Set[str] = set()     # what watch() was last given
+        self._sources: Set[str] = set()
         self.check_healthy = Gauge("hpr_agent_check_healthy", "1 if the check's last pass found no fault "
                                    "needing action, 0 if it did, -1 if the check itself failed", ["check"], registry=r)
         self.check_duration = Histogram("hpr_agent_check_duration_seconds", "Duration of one pass of a check",
@@ -71,7 +74,17 @@ class AgentMetrics:
             self.last_pass.labels(loop.value).set(started)
 
     def watch(self, checks: Iterable[str], sources: Iterable[str]) -> None:
-        """Initialises the series of the configured checks and sources (again after a reload)."""
+        """Initialises the series of the configured checks and sources, and after a reload removes
+        those of checks and sources no longer configured: frozen at their last value, a check left
+        at -1 or a source left lagging would keep an alert firing (issue 12 review)."""
+        checks, sources = set(checks), set(sources)
+        for gone in self._checks - checks:
+            for metric in (self.check_errors, self.check_duration, self.check_healthy):
+                _remove(metric, gone)
+        for gone in self._sources - sources:
+            for metric in (self.log_lines, self.log_errors, self.log_lag):
+                _remove(metric, gone)
+        self._checks, self._sources = checks, sources
         for check in checks:
             self.check_errors.labels(check)
             self.check_duration.labels(check)
@@ -84,3 +97,10 @@ class AgentMetrics:
 
     def passed(self, loop: Loop) -> None:
         self.last_pass.labels(loop.value).set(time.time())
+
+
+def _remove(metric: MetricWrapperBase, label: str) -> None:
+    try:
+        metric.remove(label)
+    except KeyError:   # never set (a check's health before its first pass)
+        pass

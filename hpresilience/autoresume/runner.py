@@ -225,7 +225,7 @@ class Runner:
                                                                   f"{wanted}-node step")
             nodes = self._choose(healthy, wanted)
             state.attempts += 1
-            self._report_resume(state, restarts)
+            resumed = self._resumed(state, restarts)
             seen = self._checkpoint_step()
             if seen is not None or not self._checkpoints_gone(state):
                 # A vanished directory keeps the step seen last, so later attempts still know it
@@ -233,6 +233,10 @@ class Runner:
                 state.last_checkpoint_step = seen
             state.note("attempt", attempt=state.attempts, nodes=fold(nodes), checkpoint=state.last_checkpoint_step)
             state.save(self.dir)
+            if resumed is not None:
+                # After the save that forgets the fault: a kill in between loses one count rather
+                # than counting one recovery twice (issue 12 review).
+                self.report.event("resumed", **resumed)
             env = dict(self.env)
             env.update(self._resized_env(alloc, nodes))
             env.update(step_env(alloc, nodes, state.attempts, maximum,
@@ -549,17 +553,19 @@ class Runner:
         self.report.event("gave_up", reason="no progress", checkpoint=now)
         return True
 
-    def _report_resume(self, state: AttemptState, restarts: int) -> None:
-        """The attempt about to start resumes from a fault: how (in the allocation, or after a
-        requeue) and how long after the fault was seen; the controller counts these events
-        (hpr_autoresume_recoveries_total, issue 12). A fault the runner never saw (Slurm requeued
-        the job itself when its batch host died) has no start to measure from: not reported."""
+    @staticmethod
+    def _resumed(state: AttemptState, restarts: int) -> Optional[Dict[str, object]]:
+        """When the attempt about to start resumes from a fault: how (in the allocation, or after a
+        requeue) and how long after the fault was seen, for the `resumed` event the controller
+        counts (hpr_autoresume_recoveries_total, issue 12); the fault is then forgotten. A fault the
+        runner never saw (Slurm requeued the job itself when its batch host died) has no start to
+        measure from: not reported."""
         if state.fault is None:
-            return
+            return None
         path = "requeue" if restarts > state.fault["requeues"] else "in_allocation"
-        self.report.event("resumed", attempt=state.attempts, path=path,
-                          seconds=round(max(0.0, time.time() - state.fault["at"]), 3))
+        seconds = round(max(0.0, time.time() - state.fault["at"]), 3)
         state.fault = None
+        return {"attempt": state.attempts, "path": path, "seconds": seconds}
 
     # ----------------------------------------------------------------- requeue
     def _requeue_mark(self) -> Path:

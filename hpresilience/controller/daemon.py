@@ -82,7 +82,11 @@ class Controller:
             log.error("controller.reload_failed", error="state_dir cannot change without a restart")
             return False
         if config.controller.autoresume_state_dir != self.config.controller.autoresume_state_dir:
+            if self.autoresume_events is not None:
+                self.autoresume_events.stop.set()
             self.autoresume_events = self._autoresume_events(config)
+            if self.autoresume_events is not None:
+                self.autoresume_events.run_in_background(lambda: self.lock.held)
         self.config = config
         self.gateway = controller_gateway(config)
         self.reconciler.reconfigure(config, self.gateway, make_provider(config.provider, self.gateway))
@@ -118,8 +122,6 @@ class Controller:
                   paused=report.paused, seconds=round(report.seconds, 3))
         self.metrics.breaker.set(1 if report.paused else 0)
         self.metrics.last_pass.set(time.time())
-        if self.autoresume_events is not None:
-            self.autoresume_events.scan()
         self._last = report
 
     def status_text(self) -> str:
@@ -142,6 +144,9 @@ class Controller:
                 start_http_server(section.metrics_port, section.metrics_address, registry=self.metrics.registry)
             except OSError as e:
                 log.error("controller.metrics_unavailable", port=section.metrics_port, error=str(e))
+        if self.autoresume_events is not None:
+            # Its own thread: a hung shared file system must never hold up a pass (issue 12 review).
+            self.autoresume_events.run_in_background(lambda: self.lock.held)
         self.notifier.ready("starting")
         log.info("controller.started", mode=section.mode, dry_run=section.dry_run, provider=self.config.provider.type,
                  journal=str(self.config.journal_path))
@@ -169,6 +174,8 @@ class Controller:
         return 0
 
     def _shutdown(self) -> None:
+        if self.autoresume_events is not None:
+            self.autoresume_events.stop.set()
         self.reconciler.executor.shutdown(wait=False, cancel_futures=True)
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         for node, future in list(self.reconciler.inflight.items()):

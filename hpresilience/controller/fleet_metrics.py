@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Iterable, List
+from typing import Iterable, List, Mapping, Tuple
+
+from prometheus_client import Gauge
 
 from ..slurm import Node
 from ..slurm.models import NODE_CATEGORIES
@@ -29,10 +31,9 @@ def export_nodes(metrics: ControllerMetrics, nodes: List[Node]) -> None:
     (an alert divides by the partition's total)."""
     counts = collections.Counter((p, n.category) for n in nodes for p in n.partitions)
     metrics.nodes.set(len(nodes))
-    metrics.nodes_by_state.clear()
-    for partition in sorted({p for n in nodes for p in n.partitions}):
-        for state in NODE_CATEGORIES:
-            metrics.nodes_by_state.labels(partition, state).set(counts[(partition, state)])
+    _show(metrics, metrics.nodes_by_state, {(p, state): counts[(p, state)]
+                                            for p in {p for n in nodes for p in n.partitions}
+                                            for state in NODE_CATEGORIES})
 
 
 def export_repairs(metrics: ControllerMetrics, nodes: List[Node], active: List[Workflow],
@@ -58,7 +59,18 @@ def export_repairs(metrics: ControllerMetrics, nodes: List[Node], active: List[W
     for step in steps:
         metrics.active.labels(step).set(len(per_step[step]))
         metrics.step_oldest.labels(step).set(max(per_step[step], default=0.0))
-    by_node = collections.Counter((wf.node, wf.status) for wf in recent if wf.action in REPAIR_ACTIONS)
-    metrics.node_recent.clear()
-    for (node, status), count in sorted(by_node.items()):
-        metrics.node_recent.labels(node, status).set(count)
+    _show(metrics, metrics.node_recent,
+          collections.Counter((wf.node, wf.status) for wf in recent if wf.action in REPAIR_ACTIONS))
+
+
+def _show(metrics: ControllerMetrics, gauge: Gauge, values: Mapping[Tuple[str, ...], float]) -> None:
+    """Set the series in `values`, then remove those of the last pass not among them: never
+    cleared first, as a scrape between the two would see the series gone (a staleness marker,
+    which restarts an alert's `for:`; issue 12 review)."""
+    for labels, value in values.items():
+        gauge.labels(*labels).set(value)
+    shown = metrics.shown.setdefault(id(gauge), set())
+    for labels in shown - values.keys():
+        gauge.remove(*labels)
+    shown.clear()
+    shown.update(values)

@@ -7,6 +7,7 @@ than no data (Prometheus' own advice)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Dict, Set, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -22,8 +23,9 @@ UNATTENDED_WHY = ("paused", "recommend_only", "gave_up", "unresponsive")
 RESUME_PATHS = ("in_allocation", "requeue")
 # Detection to back in service: a reboot takes minutes, a replacement hours.
 REPAIR_BUCKETS = (10, 20, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200)
-# The runner's fault -> next attempt: under a second in the allocation, seconds to minutes requeued.
-RESUME_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900)
+# The runner's fault -> next attempt: under a second in the allocation; requeued, seconds when
+# expedited, up to hours when the job waits in a full queue (issue 12 review).
+RESUME_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400)
 
 
 @dataclass
@@ -32,11 +34,13 @@ class ControllerMetrics:
 
     def __post_init__(self) -> None:
         r = self.registry
+        # The label sets each re-set-whole gauge showed after the last pass (fleet_metrics._show).
+        self.shown: Dict[int, Set[Tuple[str, ...]]] = {}
         self.leader = Gauge("hpr_controller_leader", "1 on the active controller, 0 on a standby", registry=r)
         self.breaker = Gauge("hpr_controller_breaker_tripped", "1 while the circuit breaker pauses automatic action",
                              registry=r)
         self.pass_seconds = Histogram("hpr_controller_pass_seconds", "Duration of one reconcile pass", registry=r,
-                                      buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+                                      buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
         self.pass_errors = Counter("hpr_controller_pass_errors_total", "Passes that failed (Slurm, journal)",
                                    ["kind"], registry=r)
         self.last_pass = Gauge("hpr_controller_last_pass_timestamp_seconds",

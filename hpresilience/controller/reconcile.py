@@ -236,11 +236,7 @@ class Reconciler:
             if ours is not None:
                 self.first_silent.pop(node.name, None)
                 if node.is_drained or node.is_down:
-                    c = Candidate(node, ours.action, node.reason or "", since or now)
-                    if self._already_handled(c):
-                        unattended.append(Unattended(node.name, "gave_up", c.detected_at))
-                    else:
-                        found.append(c)
+                    found.append(Candidate(node, ours.action, node.reason or "", since or now))
                 continue
             if node.reason_owner is ReasonOwner.GAVE_UP:
                 unattended.append(Unattended(node.name, "gave_up", since or now))
@@ -253,7 +249,11 @@ class Reconciler:
                 found.append(Candidate(node, NodeAction.POWER_CYCLE, node.reason or "Not responding", since))
             else:
                 unattended.append(Unattended(node.name, "unresponsive", since))
-        return found, unattended
+        # Every candidate, a silent node's too (issue 12 review: a power cycle re-opened at once
+        # for a node that revived and fell silent again, its grace skipped).
+        handled = [c for c in found if self._already_handled(c)]
+        unattended += [Unattended(c.node.name, "gave_up", c.detected_at) for c in handled]
+        return [c for c in found if c not in handled], unattended
 
     def _already_handled(self, c: Candidate) -> bool:
         """The same flagging (same reason set at the same time) already had a workflow

@@ -339,8 +339,11 @@ class Steps:
             if written is None:
                 return
             node = written
-        if self.to(wf, Step.REPLACE, {"escalated": why, "boot_before": ts(node.boot_time), **ATTEMPT_FACTS,
-                                      **self._seen(node)}, action=NodeAction.REPLACE.value) is not None:
+        moved = self.to(wf, Step.REPLACE, {"escalated": why, "boot_before": ts(node.boot_time), **ATTEMPT_FACTS,
+                                           **self._seen(node)}, action=NodeAction.REPLACE.value)
+        if moved is not None and write_reason:
+            # Our own decisions only: a newer Action: Replace someone else set (write_reason=False)
+            # is a new request, not an escalation, whatever step it arrives in (issue 12 review).
             self.metrics.escalations.labels(wf.action).inc()
 
     def provider_step(self, wf: Workflow) -> None:

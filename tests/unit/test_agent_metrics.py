@@ -161,11 +161,15 @@ def nvml_library_loads() -> bool:
 
 
 @pytest.mark.skipif(nvml_library_loads(), reason="this machine has an NVIDIA driver library")
-def test_a_node_without_the_nvml_library_counts_it_once(tmp_path: Path) -> None:
-    agent = make_agent(agent_config(tmp_path, tmp_path / "kern.log", nvml=True))
+@pytest.mark.parametrize("gres, counted", [(("gpu:8",), 1), ((), 0)])
+def test_a_gpu_node_without_the_nvml_library_counts_it_once(tmp_path: Path, gres, counted) -> None:
+    """A CPU node (no GPUs in Slurm's Gres) without the library is normal: not an error, no alert."""
+    agent = Agent(agent_config(tmp_path, tmp_path / "kern.log", nvml=True),
+                  gateway=SlurmGateway(SlurmModel("n[1-2]", gres=gres)), notifier=Notifier(""))
     check_pass(agent)
+    assert agent.monitors[0].disabled_reason                # the check ran and found no library
     check_pass(agent)  # the monitor disabled itself: no second call, no second count
-    assert sample(agent, "hpr_agent_nvml_errors_total", kind="library_missing") == 1
+    assert sample(agent, "hpr_agent_nvml_errors_total", kind="library_missing") == counted
     assert sample(agent, "hpr_agent_nvml_errors_total", kind="error") == 0
 
 
@@ -227,3 +231,32 @@ def test_a_healthy_gpu_node_counts_no_nvml_error(tmp_path: Path, lib_dir: Path, 
     result = run_agent_with_fake_nvml(tmp_path, lib_dir, state)
     assert result["healthy"] == 1  # the positive sign: the NVML check ran and found 8 healthy GPUs
     assert set(result["errors"].values()) == {0}
+
+
+def test_a_reload_removes_the_series_of_checks_and_sources_no_longer_configured(tmp_path: Path) -> None:
+    """Issue 12 review: left frozen, a check at -1 or a lagging source would keep its alert firing."""
+    old_log, new_log = tmp_path / "kern.log", tmp_path / "messages"
+    old_log.write_text("")
+    new_log.write_text("")
+    agent = make_agent(agent_config(tmp_path, old_log, system=True))
+    with open(old_log, "a") as f:
+        f.write(KERNEL_LINE)
+    agent.poll_once()
+    check_pass(agent)
+    assert sample(agent, "hpr_agent_kernel_log_lines_total", source=f"file:{old_log}") == 1
+    assert sample(agent, "hpr_agent_check_healthy", check="system") is not None
+    config_file = tmp_path / "agent.toml"
+    config_file.write_text(f'[agent]\nnode_name = "n1"\nstate_dir = "{tmp_path / "state"}"\n'
+                           f'[kernel_log]\nsources = ["{new_log}"]\n[nvml]\nenabled = false\n'
+                           f'[system]\nenabled = false\n')
+    agent.config_path = config_file
+    try:
+        assert agent.reload()
+        for name in ("hpr_agent_kernel_log_lines_total", "hpr_agent_kernel_log_errors_total",
+                     "hpr_agent_kernel_log_lag_bytes"):
+            assert sample(agent, name, source=f"file:{old_log}") is None, name
+        assert sample(agent, "hpr_agent_kernel_log_lines_total", source=f"file:{new_log}") == 0
+        assert sample(agent, "hpr_agent_check_healthy", check="system") is None
+        assert sample(agent, "hpr_agent_check_errors_total", check="system") is None
+    finally:
+        agent._stop_monitor_thread()

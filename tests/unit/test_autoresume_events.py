@@ -3,6 +3,8 @@ shared state directory (issue 12). Users write these files: junk, links and FIFO
 count nor hurt the controller. Real files in tmp_path; the clock is given."""
 import json
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -116,3 +118,59 @@ def test_a_new_leader_counts_only_from_its_takeover(events, tmp_path):
     write(log, resumed(at=START + 30), resumed(at=START + 61))
     os.utime(log, (START + 62, START + 62))
     assert events.scan() == 1
+
+
+@pytest.mark.parametrize("bad", [
+    '{"at": 1' + "0" * 400 + ', "event": "resumed", "path": "requeue", "seconds": 1}',
+    json.dumps(resumed("requeue"))[:-1] + ', "seconds": 1' + "0" * 400 + "}",
+    "[" * 100000 + "]" * 100000,
+])
+def test_lines_that_overflow_or_nest_deep_are_junk_not_a_crash(events, tmp_path, bad):
+    """Issue 12 review: a 400-digit number overflowed math.isfinite, deep nesting raised RecursionError;
+    either escaped the scan (a failed pass, the good lines after it lost)."""
+    log = tmp_path / "auto-resume-17.events.jsonl"
+    write(log, raw=bad + "\n")
+    write(log, resumed())
+    assert events.scan() == 1 and count(events, "in_allocation") == 1 and count(events, "requeue") == 0
+
+
+def test_a_scan_reads_a_bounded_amount_and_the_next_goes_on_where_it_stopped(events, tmp_path, monkeypatch):
+    monkeypatch.setattr("hpresilience.controller.autoresume_events.MAX_SCAN_BYTES", 3000)
+    line = json.dumps(resumed()) + "\n"
+    for job in range(10):
+        write(tmp_path / f"auto-resume-{job}.events.jsonl", raw=line * 10)   # ~1.3 kB each
+    first = events.scan()
+    assert 0 < first < 100
+    total = first
+    for _ in range(10):
+        total += events.scan()
+    assert total == 100 and count(events, "in_allocation") == 100
+
+
+def test_the_background_scan_counts_only_while_this_controller_leads(tmp_path):
+    events = AutoResumeEvents(tmp_path, ControllerMetrics(), clock=lambda: START)
+    write(tmp_path / "auto-resume-1.events.jsonl", resumed())
+    asked = []
+    leads = threading.Event()
+
+    def leading() -> bool:
+        asked.append(leads.is_set())
+        return leads.is_set()
+
+    thread = events.run_in_background(leading, interval=0.01)
+    try:
+        wait_for(lambda: len(asked) >= 3)                  # the loop ran, as a standby
+        assert count(events, "in_allocation") == 0
+        leads.set()
+        wait_for(lambda: count(events, "in_allocation") == 1)
+    finally:
+        events.stop.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)

@@ -143,3 +143,52 @@ def test_a_requeue_the_pass_expedites_is_counted(cluster):
     cluster.run_pass()
     assert cluster.model.job(job).extra["Comment"] == "mine"   # the pass expedited it
     assert value(cluster, "hpr_controller_requeues_expedited_total") == 1
+
+
+def test_a_silent_node_that_revived_and_fell_silent_again_is_not_power_cycled_at_once(tmp_path):
+    """Issue 12 review: _candidates, restructured to report unattended nodes, skipped the loop
+    guard for silent nodes: the same silence (Slurm's reason and time unchanged) re-opened a
+    power cycle as soon as its abandoned workflow ended, with no grace."""
+    config = controller_config(tmp_path)
+    config.limits.max_concurrent = 1
+    config.workflow.unresponsive_grace_seconds = 60
+    cluster = Cluster.build(tmp_path, config=config)
+    cluster.model.hang_reboots.add("n2")           # n2's reboot holds the one slot: n1 waits in drain
+    cluster.flag("n2", NodeAction.REBOOT, *XID_79)
+    cluster.run_pass()
+    cluster.model.advance(5)
+    cluster.run_pass()
+    cluster.model.kill("n1")
+    for _ in range(20):
+        cluster.run_pass()
+        cluster.model.advance(5)
+    assert [(wf.action, wf.step) for wf in cluster.workflows("n1")] == [("power_cycle", "drain")]
+    cluster.model.revive("n1")
+    cluster.run_pass()
+    assert [wf.status for wf in cluster.workflows("n1")] == ["abandoned"]
+    cluster.model.advance(5)
+    cluster.model.kill("n1")
+    cluster.model.advance(5)
+    cluster.run_pass()
+    assert [wf.status for wf in cluster.workflows("n1")] == ["abandoned"]
+
+
+def test_only_the_controllers_own_escalations_are_counted(tmp_path):
+    """n1's reboot never comes back (escalated by us: counted); n2's is overtaken by an admin's
+    Action: Replace (a new request, not an escalation: not counted, issue 12 review)."""
+    config = controller_config(tmp_path)
+    config.limits.max_percent = 100.0
+    cluster = Cluster.build(tmp_path, config=config)
+    for node in ("n1", "n2"):
+        cluster.model.hang_reboots.add(node)
+        cluster.flag(node, NodeAction.REBOOT, *XID_79)
+    for _ in range(3):
+        cluster.run_pass()
+        cluster.model.advance(5)
+    assert {wf.node: wf.step for wf in cluster.journal.active()} == {"n1": "await_boot", "n2": "await_boot"}
+    cluster.admin_sets("n2", "Action: Replace", NodeState.FAIL)
+    cluster.run_pass()
+    cluster.model.advance(cluster.config.workflow.reboot_timeout_seconds + 1)
+    cluster.run_pass()
+    assert {wf.node: wf.action for wf in cluster.journal.history()} == {"n1": "replace", "n2": "replace"}
+    assert value(cluster, "hpr_controller_escalations_total", action="reboot") == 1

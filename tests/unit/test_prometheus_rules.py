@@ -42,9 +42,10 @@ def test_the_example_scrape_configuration_is_valid():
 
 def test_file_sd_targets_from_sinfo(tmp_path):
     """One target per node at the agent's port, its partitions as a label (sinfo prints a node once
-    per partition, the default one with a '*')."""
+    per partition, the default one with a '*'); none for nodes powered off or powering down."""
     fake = tmp_path / "sinfo"
-    fake.write_text("#!/bin/sh\nprintf 'n1 train*\\nn1 debug\\nn2 train*\\n'\n")
+    fake.write_text("#!/bin/sh\nprintf 'n1 train* idle\\nn1 debug idle\\nn2 train* drain*\\n"
+                    "n3 train* idle~\\nn4 train* idle%%\\n'\n")
     fake.chmod(0o755)
     out = tmp_path / "agents.json"
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}

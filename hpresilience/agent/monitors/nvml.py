@@ -117,7 +117,8 @@ REINIT_AFTER_FAILED_CHECKS = 3
 class NvmlErrorKind(str, enum.Enum):
     """How an NVML call failed: the `kind` label of hpr_agent_nvml_errors_total (issue 12)."""
     TIMEOUT = "timeout"                        # hung past call/pass timeout, or refused while one still hangs
-    LIBRARY_MISSING = "library_missing"        # no libnvidia-ml.so.1: the monitor disables itself
+    LIBRARY_MISSING = "library_missing"        # no libnvidia-ml.so.1 on a node that should have GPUs:
+                                               # the monitor disables itself
     DRIVER_UNAVAILABLE = "driver_unavailable"  # driver not loaded, session uninitialised, library/module mismatch
     ERROR = "error"                            # any other failed call
 
@@ -530,8 +531,7 @@ class NvmlCollector:
         except _ANSWERS:
             raise
         except pynvml.NVMLError_LibraryNotFound:
-            self._on_error(NvmlErrorKind.LIBRARY_MISSING)
-            raise
+            raise   # counted by check(), which knows whether this node should have GPUs
         except pynvml.NVMLError:
             self._on_error(NvmlErrorKind.ERROR)
             raise
@@ -846,6 +846,10 @@ class NvmlMonitor:
         try:
             snapshot = thread.run(self._collector.collect)
         except pynvml.NVMLError_LibraryNotFound:
+            if self.config.expected_gpus:
+                # A GPU node without its library: an error, and an alert (issue 12 review). A CPU
+                # node without one is normal and not counted, or every CPU node would alert.
+                self._on_error(NvmlErrorKind.LIBRARY_MISSING)
             self._disable("libnvidia-ml.so.1 not found (no NVIDIA driver on this node)")
             return []
         except MonitorError:
