@@ -18,6 +18,7 @@ Every key is optional; docs/agent.md lists them all with their defaults.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -28,6 +29,7 @@ from .monitors.nvml import NvmlConfig
 from .monitors.system import SystemConfig
 
 SLURM_STATES = ("fail", "drain", "down")
+MAX_SOCKET_PATH = 107   # Linux's sun_path holds 108 bytes with the closing NUL
 
 
 @dataclass
@@ -40,10 +42,17 @@ class AgentSection:
     metrics_address: str = "0.0.0.0"
     metrics_port: int = 9464                 # 0 turns the Prometheus endpoint off
     log_level: str = "info"
+    # The root-only drill injection socket (issue 13, hpresilience/agent/control.py); "" turns it off.
+    control_socket: str = "/run/hpresilience/agent.sock"
 
     def validate(self) -> None:
         if self.check_interval_seconds <= 0:
             raise ValueError("check_interval_seconds must be > 0")
+        if self.control_socket and not Path(self.control_socket).is_absolute():
+            raise ValueError(f"control_socket {self.control_socket!r}: expected an absolute path, or \"\" for none")
+        if len(os.fsencode(self.control_socket)) > MAX_SOCKET_PATH:
+            raise ValueError(f"control_socket {self.control_socket!r}: longer than a Unix socket's "
+                             f"{MAX_SOCKET_PATH} bytes")
         validate_daemon_settings(self.metrics_port, self.log_level)
 
 

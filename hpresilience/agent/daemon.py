@@ -9,6 +9,7 @@ and pinging systemd's watchdog.
 from __future__ import annotations
 
 import dataclasses
+import queue
 import random
 import signal
 import threading
@@ -25,6 +26,7 @@ from ..sdnotify import Notifier
 from ..slurm import CommandRunner, ScontrolBackend, SlurmError, SlurmGateway
 from .actuator import Actuator, Outcome
 from .config import AgentConfig
+from .control import DRILL_MONITOR, ControlError, ControlServer, Injection, drill_finding
 from .kernel_rules import RulesError, RuleSet, load_rules
 from .logsource import LogSource, open_source
 from .metrics import AgentMetrics, Loop
@@ -97,6 +99,9 @@ class Agent:
         self._settled: Optional[tuple] = None   # (decision signature, monotonic time it may be looked at again)
         self._retry_at = 0.0
         self._failures = 0
+        # Drill findings from the control socket's thread, taken by the main loop (issue 13).
+        self._injected: queue.SimpleQueue = queue.SimpleQueue()
+        self._control: Optional[ControlServer] = None
         self._configure(config)
 
     # -------------------------------------------------------------- set-up
@@ -214,11 +219,54 @@ class Agent:
                                  if line.kernel_line is not None)
                      if f is not None and not self.before_boot(f)]
             if found:
-                counted = self.policy.add_events(found)
-                self._record(counted, source.name)
-                if self._failures == 0 and any(f.action is not NodeAction.NONE for f in counted):
-                    self._retry_at = 0.0  # a fresh fault line is worth a look at Slurm now
-                    self._settled = None
+                self._add_events(found, source.name)
+
+    def _add_events(self, found: List[Finding], source: str) -> None:
+        counted = self.policy.add_events(found)
+        self._record(counted, source)
+        if self._failures == 0 and any(f.action is not NodeAction.NONE for f in counted):
+            self._retry_at = 0.0  # a fresh fault is worth a look at Slurm now
+            self._settled = None
+
+    # ------------------------------------------------------- drills (issue 13)
+    def start_control(self) -> None:
+        """Serve the control socket, if configured; one that cannot be served is logged and the
+        agent runs without it: detection matters more than drills. Read at start only."""
+        path = self.config.agent.control_socket
+        if not path:
+            return
+        try:
+            self._control = ControlServer(Path(path), self.inject)
+        except ControlError as e:
+            log.error("agent.control_unavailable", error=str(e))
+            return
+        self._control.start()
+        log.info("agent.control_listening", path=path)
+
+    def stop_control(self) -> None:
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+
+    def inject(self, injection: Injection) -> Finding:
+        """A drill's fault (on the control socket's thread): made by the current rules, then queued for
+        the main loop, which takes it exactly as a kernel-log finding. RequestError for a code the
+        rules give no action."""
+        finding = drill_finding(self.rules, injection)
+        self._injected.put(finding)
+        log.info("agent.drill_injected", node=self.node_name, drill=injection.drill, code=finding.code,
+                 entity=finding.entity, action=finding.action.value)
+        return finding
+
+    def take_injected(self) -> None:
+        found: List[Finding] = []
+        while True:
+            try:
+                found.append(self._injected.get_nowait())
+            except queue.Empty:
+                break
+        if found:
+            self._add_events(found, DRILL_MONITOR)
 
     def decide_and_act(self) -> Optional[Outcome]:
         with self._lock:
@@ -258,8 +306,9 @@ class Agent:
         return outcome
 
     def poll_once(self) -> Optional[Outcome]:
-        """One pass of the main loop: read the kernel log, then decide and act."""
+        """One pass of the main loop: read the kernel log and take injected drill faults, then decide and act."""
         self.read_kernel_log()
+        self.take_injected()
         outcome = self.decide_and_act()
         # Only a pass that got here counts: one that raises every time is as stuck as a hung one (issue 12).
         self.metrics.passed(Loop.KERNEL_LOG)
@@ -304,6 +353,7 @@ class Agent:
             except OSError as e:  # port taken: detection matters more than metrics
                 log.error("agent.metrics_unavailable", port=self.config.agent.metrics_port, error=str(e))
         self._start_monitor_thread()
+        self.start_control()
         self.notifier.ready(f"watching {self.node_name}: {', '.join(s.name for s in self.sources)}")
         log.info("agent.started", node=self.node_name, sources=[s.name for s in self.sources],
                  monitors=[m.name for m in self.monitors], dry_run=self.config.agent.dry_run)
@@ -331,6 +381,7 @@ class Agent:
                 self._stop.wait(self.config.kernel_log.poll_interval_seconds)
         finally:
             self.notifier.stopping()
+            self.stop_control()
             self._stop_monitor_thread()
             for source in self.sources:
                 source.close()

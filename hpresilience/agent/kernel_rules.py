@@ -183,13 +183,13 @@ class RuleSet:
             match = rule.pattern.match(text)
             if match is None:
                 continue
-            action = self._action_of(rule, match)
+            action = self._action_of(rule, match.groupdict())
             if best is None or action.rank > best[1].rank:
                 best = (rule, action, match)
         if best is None:
             return None
         rule, action, match = best
-        fields = self._fields(match, pci_to_gpu)
+        fields = self._fields(match.groupdict(), pci_to_gpu)
         entity = None
         if rule.entity and all(fields[f] for f in self._entity_fields[rule.name]):
             entity = rule.entity.format_map(fields)
@@ -197,7 +197,7 @@ class RuleSet:
             monitor=MONITOR,
             code=rule.code.format_map(fields),
             action=action,
-            message=" ".join(rule.message.format_map(fields).split()),
+            message=_render(rule.message, fields),
             component=rule.component,
             entity=entity,
             evidence=parsed.text,
@@ -206,16 +206,49 @@ class RuleSet:
             observed_at=parsed.wall_time if parsed.wall_time is not None else time.time(),
         )
 
-    def _action_of(self, rule: Rule, match: re.Match) -> NodeAction:
+    def finding_for(self, code: str, entity: Optional[str] = None) -> Optional[Finding]:
+        """The finding the enabled rules give for a fault `code` on `entity` without a kernel line:
+        the rule, action, message, component and Slurm state a line of that fault gets, so a drill
+        (issue 13) injects through the rules themselves and no second code → action table can drift
+        from them. The rule's templates are read backwards for their fields ("XID_{xid}" and "XID_74":
+        xid 74, whose action the catalog gives); a field neither `code` nor `entity` says renders empty,
+        as in `classify`. With an entity, only a rule with an entity template it fits takes part.
+        Several rules: the most severe action wins, the first listed on a tie. None when no rule gives it.
+
+            >>> f = load_rules().finding_for("XID_74", "GPU 0")
+            >>> f.action.value, f.message, f.entity
+            ('replace', 'XID 74 NVLINK_ERROR on GPU 0', 'GPU 0')
+        """
+        best: Optional[Tuple[Rule, NodeAction, Dict[str, str]]] = None
+        for rule in self._active:
+            groups = _template_groups(rule.code, code)
+            if groups is None:
+                continue
+            if entity is not None:
+                named = _template_groups(rule.entity, entity) if rule.entity else None
+                if named is None:
+                    continue
+                groups = {**named, **groups}
+            action = self._action_of(rule, groups)
+            if best is None or action.rank > best[1].rank:
+                best = (rule, action, groups)
+        if best is None:
+            return None
+        rule, action, groups = best
+        message = _render(rule.message, self._fields(groups, None))
+        return Finding(monitor=MONITOR, code=code, action=action, message=message, component=rule.component,
+                       entity=entity, rule=rule.name, slurm_state=rule.slurm_state)
+
+    def _action_of(self, rule: Rule, groups: Mapping[str, Optional[str]]) -> NodeAction:
         if rule.action_from == "xid":
-            xid = _to_int(match["xid"])
+            xid = _to_int(groups.get("xid"))
             return self.xid_actions.get(xid, rule.action) if xid is not None else rule.action
         if rule.action_from == "xid_recovery":
-            return self.recovery_actions.get(_label(match["recovery"] or ""), rule.action)
+            return self.recovery_actions.get(_label(groups.get("recovery") or ""), rule.action)
         return rule.action
 
-    def _fields(self, match: re.Match, pci_to_gpu: Optional[PciToGpu]) -> _Fields:
-        fields = _Fields((k, v) for k, v in match.groupdict().items() if v)
+    def _fields(self, groups: Mapping[str, Optional[str]], pci_to_gpu: Optional[PciToGpu]) -> _Fields:
+        fields = _Fields((k, v) for k, v in groups.items() if v)
         if "pci" in fields:
             # One spelling of a GPU across monitors ("0000:b9:00.0", as NVML's monitor writes it),
             # so the same fault seen by both has the same Finding.key.
@@ -230,6 +263,27 @@ class RuleSet:
             entry = self.xid_catalog.get(xid) if xid is not None else None
             fields["mnemonic"] = entry.mnemonic if entry else UNKNOWN_MNEMONIC
         return fields
+
+
+def _render(template: str, fields: _Fields) -> str:
+    return " ".join(template.format_map(fields).split())
+
+
+def _template_groups(template: str, text: str) -> Optional[Dict[str, str]]:
+    """The field values with which `template` renders as `text`, None when it cannot.
+
+    >>> _template_groups("XID_{xid}", "XID_74"), _template_groups("HUNG_TASK", "XID_74")
+    ({'xid': '74'}, None)
+    """
+    parts = []
+    seen: Set[str] = set()
+    for literal, name, _, _ in string.Formatter().parse(template):
+        parts.append(re.escape(literal))
+        if name is not None:  # plain {name} fields only: _template_fields checked every template at load
+            parts.append(f"(?P={name})" if name in seen else f"(?P<{name}>.+?)")
+            seen.add(name)
+    match = re.fullmatch("".join(parts), text, re.DOTALL)
+    return match.groupdict() if match else None
 
 
 def _gpu_name(pci_to_gpu: Optional[PciToGpu], pci: str) -> Optional[str]:

@@ -10,6 +10,8 @@ from .autoresume_cmds import nodes, srun_shim
 from .checkpoint_cmds import checkpoint
 from .controller_cmds import controller
 from .deepcheck_cmds import deepcheck
+from .drill_cmds import drill
+from .goodput_cmds import goodput
 from .slurm_cmds import slurm
 from .status_cmds import history, status
 
@@ -24,5 +26,6 @@ def main(log_level: str, log_format: str) -> None:
     configure(level=log_level, json=log_format == "json")
 
 
-for command in (slurm, agent, check, classify, deepcheck, controller, status, history, checkpoint, nodes, srun_shim):
+for command in (slurm, agent, check, classify, deepcheck, controller, status, history, checkpoint, nodes, srun_shim,
+                drill, goodput):
     main.add_command(command)

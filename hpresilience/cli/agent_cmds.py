@@ -34,10 +34,16 @@ config_option = click.option("--config", "config_path", type=click.Path(path_typ
                              help=f"Agent configuration (TOML). Default: {DEFAULT_CONFIG} if it exists.")
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @config_option
-def agent(config_path: Optional[Path]) -> None:
-    """Run the node agent (a systemd Type=notify service on every compute node)."""
+@click.pass_context
+def agent(ctx: click.Context, config_path: Optional[Path]) -> None:
+    """Run the node agent (a systemd Type=notify service on every compute node).
+
+    Without a subcommand, runs the daemon."""
+    ctx.obj = config_path
+    if ctx.invoked_subcommand is not None:
+        return
     from ..agent.daemon import Agent
     from ..agent.kernel_rules import RulesError
     from ..agent.logsource import LogSourceError
@@ -127,3 +133,48 @@ def classify(files: Tuple[Path, ...], rules_file: Optional[Path], show_all: bool
                                   threshold={"count": threshold.count, "window_seconds": threshold.window_seconds}
                                   if threshold and threshold.count > 1 else None)
                 click.echo(json.dumps(record))
+
+
+@agent.command()
+@click.argument("code")
+@click.option("--drill", "drill_id", required=True,
+              help="The drill's id ([A-Za-z0-9._-], 1-40): it marks the reason and the logs.")
+@click.option("--entity", help='The device, e.g. "GPU 0" (default: the whole node).')
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="The agent's control socket. Default: [agent] control_socket of the agent's configuration.")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the agent.")
+@click.pass_obj
+def inject(config_path: Optional[Path], code: str, drill_id: str, entity: Optional[str],
+           socket_path: Optional[Path], timeout: float) -> None:
+    """Inject fault CODE (e.g. XID_74) into this node's agent as a drill (root only, issue 13).
+
+    The agent acts on it as on the same fault in its kernel log, with the drill's id in the Slurm
+    reason. Prints the agent's finding as JSON; exit 1 when the agent refuses, 2 when it cannot be reached."""
+    from ..agent.control import RequestError, request
+    if socket_path is None:
+        configured = _load(config_path).agent.control_socket
+        if not configured:
+            click.echo("hpresilience agent inject: the agent's control socket is off ([agent] control_socket = \"\")",
+                       err=True)
+            sys.exit(2)
+        socket_path = Path(configured)
+    payload = {"inject": code, "drill": drill_id, **({"entity": entity} if entity is not None else {})}
+    try:
+        reply = request(socket_path, payload, timeout)
+    except (OSError, RequestError) as e:
+        click.echo(f"hpresilience agent inject: cannot reach the agent at {socket_path}: {_unreachable(e)}", err=True)
+        sys.exit(2)
+    if not reply["ok"]:
+        click.echo(f"hpresilience agent inject: the agent refused: {reply.get('error')}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(reply.get("finding")))
+
+
+def _unreachable(error: Exception) -> str:
+    if isinstance(error, FileNotFoundError):
+        return "no such socket (is the agent running, with [agent] control_socket set?)"
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused (a stale socket: the agent is not running)"
+    if isinstance(error, PermissionError):
+        return "permission denied (only root may inject)"
+    return str(error) or type(error).__name__

@@ -54,6 +54,8 @@ class SlurmBackend(Protocol):
     def show_steps(self, job_id: int) -> List[Step]: ...
     def requeued_jobs(self) -> List[RequeuedJob]: ...
     def signal_step(self, step_id: str, signal_name: str) -> None: ...
+    def submit_batch(self, argv: Sequence[str]) -> int: ...
+    def cancel_job(self, job_id: int) -> None: ...
 
 
 class ScontrolBackend:
@@ -175,6 +177,14 @@ class ScontrolBackend:
 
     def signal_step(self, step_id: str, signal_name: str) -> None:
         self.runner.run(["scancel", f"--signal={signal_name}", step_id], Target(job=step_id))
+
+    def submit_batch(self, argv: Sequence[str]) -> int:
+        """`sbatch --parsable ARGV...`: the new job's id ("ID" or "ID;CLUSTER")."""
+        out = self.runner.run(["sbatch", "--parsable", *argv], Target())
+        return int(out.strip().split(";")[0])
+
+    def cancel_job(self, job_id: int) -> None:
+        self.runner.run(["scancel", str(job_id)], Target(job=str(job_id)))
 
     def requeued_jobs(self) -> List[RequeuedJob]:
         """Requeued jobs that wait for their BeginTime, with their comments.

@@ -183,6 +183,17 @@ class SlurmGateway:
     def steps(self, job_id: int) -> List[Step]:
         return self.backend.show_steps(int(job_id))
 
+    def submit_batch(self, argv: Sequence[str]) -> int:
+        """`sbatch --parsable ARGV...` (sbatch options, then the script and its arguments): the job id.
+        `hpresilience drill` submits its canary so (issue 13)."""
+        job_id = self.backend.submit_batch(argv)
+        log.info("slurm.submitted", job=job_id)
+        return job_id
+
+    def cancel_job(self, job_id: int) -> None:
+        self.backend.cancel_job(job_id)
+        log.info("slurm.cancelled", job=job_id)
+
     def signal_step(self, step_id: str, signal_name: str = "KILL") -> None:
         """`scancel --signal=NAME JOB.STEP` (for a step whose srun no longer answers)."""
         self.backend.signal_step(step_id, signal_name)

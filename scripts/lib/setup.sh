@@ -16,6 +16,7 @@ hpr_apt_install() {
     command -v unshare >/dev/null || missing+=(util-linux)
     command -v stress-ng >/dev/null || missing+=(stress-ng)   # the cpu_memory deep check (issue 10)
     { command -v promtool && command -v prometheus; } >/dev/null || missing+=(prometheus)  # promtool: the rules' tests; prometheus: the live dashboard test (issue 12)
+    command -v chromium >/dev/null || missing+=(chromium)  # the drill's HTML report, rendered in a real headless browser by a test (issue 13)
     command -v python3 >/dev/null || missing+=(python3)
     python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
     [ ${#missing[@]} -eq 0 ] && return 0

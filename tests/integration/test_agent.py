@@ -248,6 +248,7 @@ def test_systemd_notify_protocol(tmp_path):
 node_name = "nodeless"
 state_dir = "{tmp_path / 'state'}"
 metrics_port = 0
+control_socket = ""
 [kernel_log]
 sources = ["{log}"]
 [nvml]
