@@ -224,20 +224,27 @@ def _listen(path: Path) -> socket.socket:
     _prepare_dir(path.parent)
     _remove_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)   # the socket is born 0600: no chmod by path, which a swapped link could redirect
     try:
         sock.bind(str(path))
-        # Before listen(): until then every connect is refused, so nobody gets in under the umask's mode.
-        os.chmod(path, 0o600)
         sock.listen(8)
     except OSError as e:
         sock.close()
         raise ControlError(f"{path}: cannot listen: {e.strerror or e}") from None
+    finally:
+        os.umask(old_umask)
     return sock
 
 
 def _prepare_dir(directory: Path) -> None:
-    """A directory the agent makes is 0700; one that exists (systemd's RuntimeDirectory) is kept as is."""
+    """A directory the agent makes is 0700; one that exists (systemd's RuntimeDirectory) must be its
+    owner's alone: in a directory others can write, they could plant a socket that answers (disabling
+    ours) or one for the stale check to remove (issue 13 review)."""
     if directory.is_dir():
+        st = directory.stat()
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise ControlError(f"{directory}: the control socket's directory must be owned by the agent's user "
+                               f"and writable by it alone (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})")
         return
     try:
         directory.mkdir(mode=0o700, parents=True)

@@ -222,7 +222,9 @@ class RuleSet:
         best: Optional[Tuple[Rule, NodeAction, Dict[str, str]]] = None
         for rule in self._active:
             groups = _template_groups(rule.code, code)
-            if groups is None:
+            # Only a code a kernel line could give: "XID_074" or "XID_7_4" read as 74 otherwise, with a
+            # key and a reason no real fault has (issue 13 review).
+            if groups is None or not _canonical(groups) or _render(rule.code, groups) != code:
                 continue
             if entity is not None:
                 named = _template_groups(rule.entity, entity) if rule.entity else None
@@ -267,6 +269,12 @@ class RuleSet:
 
 def _render(template: str, fields: _Fields) -> str:
     return " ".join(template.format_map(fields).split())
+
+
+def _canonical(groups: Mapping[str, str]) -> bool:
+    """An XID as the kernel prints it: decimal digits, no leading zero."""
+    xid = groups.get("xid")
+    return xid is None or re.fullmatch(r"[1-9][0-9]*", xid) is not None
 
 
 def _template_groups(template: str, text: str) -> Optional[Dict[str, str]]:

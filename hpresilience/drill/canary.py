@@ -42,6 +42,7 @@ def main() -> int:
     print(f"rank {rank} on {host}: attempt {os.environ.get('HPR_ATTEMPT')} resumes at step {start} "
           f"nodes {os.environ.get('HPR_NODELIST')} master {os.environ.get('MASTER_ADDR')}", flush=True)
     first_step_at = None
+    done = start
     barrier = Barrier.for_attempt(args.ckpt_dir, rank) if args.lockstep else None
     for step in range(start + 1, args.steps + 1):
         time.sleep(args.step_seconds)
@@ -61,9 +62,10 @@ def main() -> int:
             heartbeat(step)
         if rank == 0:
             print(f"step={step} host={host} attempt={os.environ.get('HPR_ATTEMPT')} t={time.time():.3f}", flush=True)
+        done = step   # the result says the last step run, not the one asked for (issue 13 review)
     if rank == 0:
         args.result.write_text(json.dumps({
-            "final_step": args.steps, "resumed_from": start, "attempt": int(os.environ.get("HPR_ATTEMPT", "0")),
+            "final_step": done, "resumed_from": start, "attempt": int(os.environ.get("HPR_ATTEMPT", "0")),
             "nodelist": os.environ.get("HPR_NODELIST"), "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
             "first_step_at": first_step_at, "host": host, "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}))
     return 0

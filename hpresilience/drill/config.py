@@ -58,10 +58,16 @@ class CanaryConfig:
     checkpoint_every: int = 2
     python: str = sys.executable            # a python with hpresilience, on every node
     partition: Optional[str] = None
+    # The admin's own batch script instead of the stand-in: it must run its training with
+    # `srun --auto-resume`; the drill times its resume by the runner's events, and can check only
+    # that the job completed (its steps are not known).
+    sbatch: str = ""
 
     def validate(self) -> None:
         if self.steps < 10 or self.step_seconds <= 0 or not 1 <= self.checkpoint_every < self.steps:
             raise ValueError("steps must be >= 10, step_seconds > 0, 1 <= checkpoint_every < steps")
+        if self.sbatch and not Path(self.sbatch).is_file():
+            raise ValueError(f"sbatch {self.sbatch!r} is not a file")
 
 
 @dataclass

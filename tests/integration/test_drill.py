@@ -6,6 +6,7 @@ admin's reason the drill must leave exactly as it was."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from hpresilience.drill.engine import SCENARIOS
 from hpresilience.drill.result import load_result
 from hpresilience.slurm import NodeState, SlurmGateway
 
-from .conftest import REPO, TESTCLUSTER, LiveCluster, private_cluster
+from .conftest import REPO, LiveCluster, private_cluster
 
 PORT_BASE = 22000
 ADMIN_REASON = "disk swap, ticket 4242 (Ann)"
@@ -25,7 +26,11 @@ ADMIN_REASON = "disk swap, ticket 4242 (Ann)"
 
 @pytest.fixture(scope="module")
 def drill_cluster(tmp_path_factory) -> Iterator[LiveCluster]:
-    with private_cluster(tmp_path_factory, "drill", 5, PORT_BASE, "--agents", "--controller") as c:
+    # The srun shim first on PATH, as on a site that installed it: the canaries' batch scripts
+    # (--export=ALL) run `srun --auto-resume`.
+    path = f"{REPO / 'scripts'}:{Path(sys.executable).parent}:{os.environ['PATH']}"
+    with private_cluster(tmp_path_factory, "drill", 5, PORT_BASE, "--agents", "--controller",
+                         env={"PATH": path}) as c:
         # The drill measures the product, not the deep-check gate (its own tests are test_controller's);
         # a 2 s grace before a silent node's power cycle keeps power_loss short (issue 13: suite time).
         conf = c.dir / "controller.toml"
@@ -38,18 +43,8 @@ def drill_cluster(tmp_path_factory) -> Iterator[LiveCluster]:
 
 
 def drill_config(c: LiveCluster, path: Path) -> Path:
-    tc = [str(TESTCLUSTER), "--dir", str(c.dir)]
-    commands = {
-        "inject": [*tc, "inject", "{node}", "{code}", "--drill", "{drill}", "--entity", "GPU 0"],
-        "power_off": [*tc, "kill", "{node}"],
-        "restart_slurmctld": ["/bin/sh", "-c", f"{' '.join(tc)} slurmctld stop && {' '.join(tc)} slurmctld start"],
-        "kill_controller": [*tc, "controller", "kill"],
-        "start_controller": [*tc, "controller", "start"],
-    }
-    lines = ["scenario_timeout_seconds = 240", "[commands]"]
-    lines += [f"{name} = {json.dumps(argv)}" for name, argv in commands.items()]
-    lines += ["[canary]", "steps = 30", "step_seconds = 0.25", f'python = "{sys.executable}"']
-    path.write_text("\n".join(lines) + "\n")
+    """The cluster's own drill configuration (testcluster drill-config), as the demo uses it."""
+    c.tc("drill-config", "--out", str(path))
     return path
 
 

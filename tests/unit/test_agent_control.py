@@ -136,8 +136,11 @@ def test_an_injected_xid_74_fails_the_node_with_a_replace_reason_naming_the_dril
     assert "FAIL" in node.flags
     assert node.action_reason.action is NodeAction.REPLACE
     assert node.reason.startswith("Action: Replace; [XID_74@GPU 0] DRILL t1: ")
+    # Acted on (the node is FAIL above, and the decision counted), never counted as the fleet's fault.
     assert agent.metrics.registry.get_sample_value(
-        "hpr_agent_findings_total", {"code": "XID_74", "action": "replace"}) == 1
+        "hpr_agent_actions_total", {"action": "replace", "outcome": "applied"}) == 1
+    assert agent.metrics.registry.get_sample_value(
+        "hpr_agent_findings_total", {"code": "XID_74", "action": "replace"}) is None
 
 
 @pytest.mark.parametrize("code,action", [("XID_79", NodeAction.REBOOT), ("XID_48", NodeAction.REBOOT),
@@ -307,6 +310,18 @@ def test_a_file_at_the_socket_path_is_left_alone_and_the_agent_runs_without_the_
     assert agent.gateway.node("n1").action_reason.action is NodeAction.REBOOT
 
 
+def test_a_directory_others_can_write_is_refused(tmp_path: Path, sock_dir: Path) -> None:
+    """Issue 13 review: there others could plant a socket that answers (ours then off) or one for the
+    stale check to remove."""
+    sock_dir.chmod(0o777)
+    path = sock_dir / "agent.sock"
+    agent = make_agent(tmp_path, path)
+    with capture_logs() as logs:
+        agent.start_control()
+    [error] = [e["error"] for e in logs if e["event"] == "agent.control_unavailable"]
+    assert "writable by it alone" in error and not path.exists()
+
+
 def test_a_socket_another_agent_serves_is_not_taken(agent: Agent, tmp_path: Path) -> None:
     second = make_agent(tmp_path / "second", socket_path(agent))
     with capture_logs() as logs:
@@ -359,3 +374,12 @@ def test_a_bad_control_socket_setting_is_a_config_error(tmp_path: Path, value: s
     conf.write_text(f'[agent]\ncontrol_socket = "{value}"\n')
     with pytest.raises(ConfigError, match=error):
         AgentConfig.load(conf)
+
+
+@pytest.mark.parametrize("code", ["XID_074", "XID_7_4", "XID_+74", "XID_ 74"])
+def test_only_a_code_a_kernel_line_could_give_is_injectable(code: str) -> None:
+    """Issue 13 review: these read as XID 74 through the template, with a key no real fault has."""
+    from hpresilience.agent.kernel_rules import load_rules
+    rules = load_rules()
+    assert rules.finding_for("XID_74", "GPU 0") is not None   # the real one is
+    assert rules.finding_for(code, "GPU 0") is None
