@@ -29,7 +29,7 @@ import structlog
 from ..controller.config import expand_argv
 from ..slurm import Node, SlurmError, SlurmGateway
 from ..slurm.hostlist import fold
-from ..slurm.reason import ReasonOwner
+from ..slurm.reason import AUTO_RESUME_MARK, ReasonOwner
 from .config import DrillConfig
 from .result import DrillResult
 
@@ -253,8 +253,12 @@ class Drill:
                 f"--steps {c.steps} --step-seconds {c.step_seconds} --every {c.checkpoint_every} --lockstep "
                 f"--ckpt-dir {work / 'ckpt'} --result {work / 'result.json'}\n")
         out = work / "canary.out"
+        # The mark slurm_plugins/job_submit.lua gives every auto-resume job, given here for sites without
+        # the plugin: the controller then expedites a requeue Slurm makes itself (a dead node's job), as
+        # it would for the site's own training jobs.
         argv = [f"--job-name=hpr-drill-{self.id}-{s.name}", f"--nodelist={fold(job_nodes)}", f"-N{len(job_nodes)}",
                 "--exclusive", "--requeue", "--open-mode=append", f"--output={out}", f"--chdir={work}",
+                f"--comment={AUTO_RESUME_MARK}",
                 f"--export=ALL,HPR_STATE_DIR={work / 'state'},HPR_DRILL={self.id}"]
         argv += [f"--partition={c.partition}"] if c.partition else []
         job_id = self.gateway.submit_batch([*argv, str(script)])

@@ -16,7 +16,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TESTCLUSTER = REPO / "scripts" / "testcluster"
-PORT_BASE = int(os.environ.get("HPR_TEST_PORT_BASE", "27000"))  # apart from a dev cluster on 17000
+# Apart from a dev cluster on 17000. Under pytest-xdist (./scripts/test runs two workers, whole modules
+# each) every worker has its own session cluster: 500 ports apart (a cluster spans P..P+116).
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+PORT_BASE = int(os.environ.get("HPR_TEST_PORT_BASE", "27000")) + 500 * _WORKER
 NODES = 4
 
 
