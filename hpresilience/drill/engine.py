@@ -256,7 +256,7 @@ class Drill:
         # The mark slurm_plugins/job_submit.lua gives every auto-resume job, given here for sites without
         # the plugin: the controller then expedites a requeue Slurm makes itself (a dead node's job), as
         # it would for the site's own training jobs.
-        argv = [f"--job-name=hpr-drill-{self.id}-{s.name}", f"--nodelist={fold(job_nodes)}", f"-N{len(job_nodes)}",
+        argv = [f"--job-name=hpr-drill-{self.id}-{s.name}", *self._placement(s), f"-N{len(job_nodes)}",
                 "--exclusive", "--requeue", "--open-mode=append", f"--output={out}", f"--chdir={work}",
                 f"--comment={AUTO_RESUME_MARK}",
                 f"--export=ALL,HPR_STATE_DIR={work / 'state'},HPR_DRILL={self.id}"]
@@ -264,6 +264,15 @@ class Drill:
         job_id = self.gateway.submit_batch([*argv, str(script)])
         return Canary(job_id, out, work / "result.json", work / "state" / f"auto-resume-{job_id}.events.jsonl",
                       own=not c.sbatch)
+
+    def _placement(self, s: Scenario) -> List[str]:
+        """No spare capacity: exactly the drill's nodes, so the requeued job must wait for the repair.
+        Otherwise any of them (every other node excluded): a job Slurm requeues itself (a dead node)
+        starts again on the spare at once, as it would on a site with spare capacity."""
+        if s.all_nodes:
+            return [f"--nodelist={fold(self.nodes)}"]
+        others = [n.name for n in self.gateway.nodes() if n.name not in self.nodes]
+        return [f"--exclude={fold(others)}"] if others else []
 
     def _start_and_pick_victim(self, canary: Canary, s: Scenario) -> str:
         """Once the canary has checkpointed twice: a node of its step that is not the batch host (the
