@@ -24,7 +24,7 @@ from hpresilience.slurm import (
 )
 from hpresilience.slurm.reason import MAX_REASON_LEN
 
-from .conftest import wait_until
+from .conftest import PORT_BASE, wait_until
 
 
 def test_version_detected(gateway):
@@ -185,7 +185,9 @@ def test_bad_node_names_never_reach_slurm(gateway):
 def test_controller_down_retries_then_clear_error(cluster, tmp_path):
     conf = tmp_path / "slurm.conf"
     text = (cluster.dir / "etc" / "slurm.conf").read_text()
-    conf.write_text(text.replace("SlurmctldPort=27000", "SlurmctldPort=27999"))
+    # Nothing listens 499 ports above this worker's cluster (the next worker's is 500 above).
+    conf.write_text(text.replace(f"SlurmctldPort={PORT_BASE}", f"SlurmctldPort={PORT_BASE + 499}"))
+    assert f"SlurmctldPort={PORT_BASE + 499}" in conf.read_text()
     runner = CommandRunner(timeout=15, attempts=3, env={**os.environ, "SLURM_CONF": str(conf)})
     gateway = SlurmGateway(ScontrolBackend(dataclasses.replace(runner, sleep=lambda s: None)))
     with structlog.testing.capture_logs() as logs, pytest.raises(SlurmUnavailable) as err:
