@@ -301,3 +301,50 @@ def test_down_removes_the_cpu_caps(tmp_path):
     finally:
         cluster.tc("down", check=False)
     assert not cgroup.exists() and not own_processes(cluster.dir)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] == "Z"
+    except OSError:
+        return True
+
+
+def _stranger() -> subprocess.Popen:
+    """A process in a UTS namespace of its own that is none of ours (another cluster's node,
+    a container)."""
+    proc = subprocess.Popen(["unshare", "--uts", "sleep", "300"])
+    mine = os.readlink("/proc/self/ns/uts")
+    wait_until(lambda: os.readlink(f"/proc/{proc.pid}/ns/uts") != mine, 5, "the stranger's own namespace")
+    return proc
+
+
+def test_kill_and_down_spare_a_process_in_a_reused_namespace(tmp_path):
+    """Linux gives a new namespace the lowest free id, so a freed one's id comes back at once.
+    A record of a daemon's namespace outlives the daemon when it dies on its own (slurmctld
+    stopped or crashed, a slurmd killed), and a later kill or down signalled whoever holds that
+    id by then: in CI, the other worker's cluster lost a node's slurmd ("Not responding") and
+    every later test on that cluster failed. A recorded namespace is only ours if it says so."""
+    cluster = LiveCluster(tmp_path / "reused", ["n1"])
+    strangers = [_stranger(), _stranger()]
+    try:
+        cluster.tc("up", "--nodes", "1", "--port-base", str(PORT_BASE + 400))
+        slurmd = int((cluster.dir / "nodes" / "n1" / "slurmd.pid").read_text())
+        with open(cluster.dir / "nodes" / "n1" / "namespaces", "a") as f:   # as if n1 had used its id before
+            f.write(os.readlink(f"/proc/{strangers[0].pid}/ns/uts") + "\n")
+        with open(cluster.dir / "ctld" / "namespaces", "a") as f:
+            f.write(os.readlink(f"/proc/{strangers[1].pid}/ns/uts") + "\n")
+        cluster.tc("kill", "n1")
+        wait_until(lambda: _gone(slurmd), 10, "n1's slurmd to die")
+        assert strangers[0].poll() is None, "kill signalled a process that is not the node's"
+        cluster.tc("start", "n1")
+        with open(cluster.dir / "nodes" / "n1" / "namespaces", "a") as f:
+            f.write(os.readlink(f"/proc/{strangers[0].pid}/ns/uts") + "\n")
+    finally:
+        cluster.tc("down", check=False)
+        alive = [s.poll() is None for s in strangers]
+        for s in strangers:
+            s.kill()
+            s.wait(timeout=10)
+    assert not own_processes(cluster.dir)   # down did its work ...
+    assert alive == [True, True], "down signalled processes that are not the cluster's"   # ... on its own only
