@@ -74,6 +74,9 @@ log = structlog.get_logger(__name__)
 BOOT_JITTER_SECONDS = 2.0
 # A check that could not run (srun error, timeout, exit 2) is tried this many times.
 VERIFY_ATTEMPTS = 3
+# A node that restarts on its own after its checks is checked again on its new boot this many
+# times; once more, and a human looks at it (a node that keeps crashing is not ours to release).
+RECHECKS = 2
 # `hpresilience check` prints one line per finding: "REBOOT   XID_79 [GPU 3 (0000:b9:00.0)]: message".
 _CHECK_FINDING_RE = re.compile(r"^(?P<action>NONE|REBOOT|REPLACE)\s+(?P<code>[A-Z][A-Z0-9_]*)"
                                r"(?: \[(?P<entity>[^\[\]]*)\])?: ", re.MULTILINE)
@@ -390,15 +393,17 @@ class Steps:
         if ready is None:
             return
         wf, node = ready
+        boot = {"checked_boot": ts(node.boot_time)}
         if not self.config.verify.enabled:
-            self._verified(wf, {"verified": "skipped (verify.enabled = false)"})
+            self._verified(wf, {"verified": "skipped (verify.enabled = false)", **boot})
             return
         verify = self.config.verify
         result = self._run_on_node(node, expand_argv(verify.command, node=node.name, reason=wf.reason,
                                                       action=wf.action), verify.timeout_seconds, verify.srun)
         verdict = check_verdict(result)
         if verdict == "healthy":
-            self._verified(wf, {"verified_at": self.clock(), "verify_output": sanitize_reason(result.output, 400)})
+            self._verified(wf, {"verified_at": self.clock(), "verify_output": sanitize_reason(result.output, 400),
+                                **boot})
         elif verdict == "unhealthy":
             self._fault_after_remedy(wf, self.gateway.node(node.name), f"check failed: {summary(result.output)}",
                                      check_faults(result.output))
@@ -455,10 +460,7 @@ class Steps:
         if current is None or current.step != wf.step:
             return None
         wf = current
-        if not node.is_responding:
-            # Registered, then silent again: wait, but not forever.
-            if self.clock() - wf.data.get("step_at", self.clock()) > self.config.workflow.register_timeout_seconds:
-                self.give_up(wf, node, "not responding since its new boot")
+        if not self._on_checked_boot(wf, node):
             return None
         self._reserve(node.name)
         if node.is_drained or node.is_down:
@@ -467,6 +469,32 @@ class Steps:
             wf = self.journal.note(wf.id, wf.step, {"resumed_at": self.clock(), "seen_reason": None,
                                                     "seen_time": None}) or wf
         return wf, node
+
+    def _on_checked_boot(self, wf: Workflow, node: Node) -> bool:
+        """The node answers, on the boot its checks ran on. The checks vouch for one boot: a
+        node that restarted on its own after them (a crash: Slurm's "Node unexpectedly
+        rebooted"; or died and came back) is checked again on its new boot, and one that went
+        silent is waited on, never released on the old boot's results (found by the property
+        suite, issue 14 session: a node killed and powered on between its verification and the
+        release was resumed over Slurm's reason, its agent's new flag refused meanwhile)."""
+        checked = wf.data.get("checked_boot")
+        now_boot = ts(node.boot_time)
+        if checked is not None and now_boot is not None and now_boot > float(checked) + BOOT_JITTER_SECONDS:
+            rechecks = int(wf.data.get("rechecks", 0)) + 1
+            log.warning("controller.restarted_after_checks", node=node.name, workflow=wf.id, step=wf.step,
+                        recheck=rechecks)
+            if rechecks > RECHECKS:
+                self.give_up(wf, node, f"restarted on its own {rechecks} times after its checks passed")
+            else:
+                self.to(wf, Step.VERIFY, {"booted_at": now_boot, "verify_attempts": 0, "checked_boot": None,
+                                          "rechecks": rechecks})
+            return False
+        if not node.is_responding:
+            # Registered, then silent again: wait, but not forever.
+            if self.clock() - wf.data.get("step_at", self.clock()) > self.config.workflow.register_timeout_seconds:
+                self.give_up(wf, node, "not responding since its new boot")
+            return False
+        return True
 
     def _run_on_node(self, node: Node, argv: List[str], timeout: float, srun: List[str],
                      job_name: str = "hpr-verify") -> StepResult:
@@ -503,6 +531,8 @@ class Steps:
         node = self.gateway.node(wf.node)
         if reason_change(wf.data, wf.action, node) is not Change.NONE:
             return  # the next pass honours it before this step runs again
+        if not self._on_checked_boot(wf, node):
+            return
         if node.is_drained or node.is_down:
             self.gateway.set_state(node.name, NodeState.RESUME)
         self._drop_reservation(node.name)

@@ -30,16 +30,21 @@ hpr_apt_install() {
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+# The optional dependencies installed: all of them, except where HPR_EXTRAS says otherwise (the container
+# image sets `test`: no torch, issue 14).
+hpr_extras="${HPR_EXTRAS:-test,examples}"
+
 hpr_venv_install() {
-    # Reinstall only when the dependency list changed: a warm run costs nothing.
+    # Reinstall only when the dependency list or the extras changed: a warm run costs nothing. The
+    # container image runs this too, so ./scripts/test inside it installs nothing again (issue 14).
     local stamp="$hpr_venv/.hpr-installed" want
-    want="$(sha256sum "$hpr_repo/pyproject.toml" | cut -d' ' -f1)"
+    want="$(sha256sum "$hpr_repo/pyproject.toml" | cut -d' ' -f1) [$hpr_extras]"
     if [ -x "$hpr_venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
         return 0
     fi
-    hpr_log "installing hpresilience into $hpr_venv"
+    hpr_log "installing hpresilience[$hpr_extras] into $hpr_venv"
     python3 -m venv "$hpr_venv"
-    "$hpr_venv/bin/python" -m pip install -q --disable-pip-version-check -e "$hpr_repo[test]"
+    "$hpr_venv/bin/python" -m pip install -q --disable-pip-version-check -e "$hpr_repo[$hpr_extras]"
     echo "$want" > "$stamp"
 }
 

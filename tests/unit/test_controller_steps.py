@@ -112,6 +112,71 @@ def test_a_fault_flagged_after_verification_is_not_cleared_at_release(cluster):
     assert (second.reason, second.action, second.status) == (fresh, "reboot", "active")
 
 
+def run_to(cluster: Cluster, node: str, step: str) -> None:
+    for _ in range(10):
+        cluster.run_pass()
+        if only_workflow(cluster, node).step == step:
+            return
+        cluster.model.advance(5)
+    raise AssertionError(f"never reached {step}: {only_workflow(cluster, node)}")
+
+
+@pytest.mark.parametrize("step", ["deepcheck", "release"])
+def test_a_node_that_restarted_after_its_checks_is_checked_again_not_released(cluster, step):
+    """Found by the property suite (issue 14 session): killed and powered on between its checks
+    and the release, the node was resumed over Slurm's "Node unexpectedly rebooted" on the old
+    boot's results. The checks vouch for one boot: a new one is checked again."""
+    cluster.flag("n1", NodeAction.REBOOT, *XID_79)
+    run_to(cluster, "n1", step)
+    checks = len(cluster.model.steps_run)
+    cluster.model.kill("n1")
+    cluster.model.advance(5)
+    cluster.model.power_on("n1")
+    node = cluster.gateway.node("n1")
+    assert node.reason == "Node unexpectedly rebooted" and node.is_down
+    before = len(cluster.model.writes)
+    cluster.run_pass()
+    assert not any(w.fields.get("state") == "RESUME" for w in cluster.writes_by(OURS, "n1", since=before))
+    wf = only_workflow(cluster, "n1")
+    assert (wf.step, wf.data["rechecks"]) == ("verify", 1)
+    cluster.settle()
+    wf = only_workflow(cluster, "n1")
+    assert (wf.status, wf.action) == ("done", "reboot")
+    assert [s.node for s in cluster.model.steps_run[checks:]] == ["n1", "n1"]   # verified and gated again
+    assert cluster.gateway.node("n1").available
+
+
+def test_a_node_that_keeps_restarting_after_its_checks_goes_to_a_human(cluster):
+    cluster.flag("n1", NodeAction.REBOOT, *XID_79)
+    for _ in range(3):
+        run_to(cluster, "n1", "release")
+        cluster.model.kill("n1")
+        cluster.model.advance(5)
+        cluster.model.power_on("n1")
+        cluster.run_pass()
+    wf = only_workflow(cluster, "n1")
+    assert (wf.status, wf.data["outcome"]) == ("failed", "restarted on its own 3 times after its checks passed")
+    node = cluster.gateway.node("n1")
+    assert node.reason.startswith("hpresilience: restarted on its own 3 times") and not node.available
+
+
+def test_a_node_silent_at_its_release_is_not_resumed(cluster):
+    """Died after its checks and not back: waited on, never resumed into service unchecked."""
+    cluster.flag("n1", NodeAction.REBOOT, *XID_79)
+    run_to(cluster, "n1", "release")
+    cluster.model.kill("n1")
+    cluster.model.advance(cluster.model.slurmd_timeout + 1)
+    assert not cluster.gateway.node("n1").is_responding
+    before = len(cluster.model.writes)
+    cluster.run_pass()
+    assert cluster.writes_by(OURS, "n1", since=before) == []
+    assert only_workflow(cluster, "n1").step == "release"
+    cluster.model.advance(cluster.config.workflow.register_timeout_seconds + 1)
+    cluster.run_pass()
+    wf = only_workflow(cluster, "n1")
+    assert (wf.status, wf.data["outcome"]) == ("failed", "not responding since its new boot")
+
+
 # ------------------------------------------------------------------ defect 5
 def test_escalation_keeps_a_reason_someone_set_while_the_check_ran(cluster):
     admin_reason = "bad DIMM, ticket 42"
