@@ -104,7 +104,9 @@ CHECK_STEPS = (Step.VERIFY, Step.DEEPCHECK, Step.RELEASE)
 # Facts of one remedy attempt: cleared when a workflow escalates, so the provider and the
 # check of the replacement start afresh (defect 11: `powered_up` of a power cycle survived
 # the escalation and the power-save provider never replaced).
-ATTEMPT_FACTS = {"provider_facts": {}, "resumed_at": None, "verify_attempts": 0, "deepcheck_attempts": 0}
+# `checked_boot` too: the replacement's boot is not a restart of the checked one (issue 14 review).
+ATTEMPT_FACTS = {"provider_facts": {}, "resumed_at": None, "verify_attempts": 0, "deepcheck_attempts": 0,
+                 "checked_boot": None}
 
 
 def workflow_fault(wf: Workflow) -> Optional[Fault]:
@@ -309,7 +311,7 @@ class Steps:
 
     def await_node(self, wf: Workflow, node: Node, now: float) -> None:
         if self._booted(node, wf) and node.is_responding and not node.reboot_pending:
-            self.to(wf, Step.VERIFY, {"booted_at": ts(node.boot_time), "verify_attempts": 0})
+            self.to(wf, Step.VERIFY, {"booted_at": ts(node.boot_time), "verify_attempts": 0, "checked_boot": None})
             return
         rebooting = wf.step == Step.AWAIT_BOOT
         limit = (self.config.workflow.reboot_timeout_seconds if rebooting
@@ -478,11 +480,16 @@ class Steps:
         suite, issue 14 session: a node killed and powered on between its verification and the
         release was resumed over Slurm's reason, its agent's new flag refused meanwhile)."""
         checked = wf.data.get("checked_boot")
+        if "checked_boot" not in wf.data and wf.step in (Step.DEEPCHECK.value, Step.RELEASE.value):
+            checked = wf.data.get("booted_at")   # journaled by a version that did not record it
         now_boot = ts(node.boot_time)
         if checked is not None and now_boot is not None and now_boot > float(checked) + BOOT_JITTER_SECONDS:
             rechecks = int(wf.data.get("rechecks", 0)) + 1
             log.warning("controller.restarted_after_checks", node=node.name, workflow=wf.id, step=wf.step,
                         recheck=rechecks)
+            self.journal.record(node.name, "restarted_after_checks",
+                                {"step": wf.step, "checked_boot": checked, "boot": now_boot, "recheck": rechecks},
+                                wf.id)
             if rechecks > RECHECKS:
                 self.give_up(wf, node, f"restarted on its own {rechecks} times after its checks passed")
             else:

@@ -36,11 +36,14 @@ def test_the_schema_catches_what_docker_compose_would_refuse(change, complaint):
 
 
 def test_what_the_image_and_the_smoke_test_rely_on():
-    """init (signals reach the entrypoint), privileged (namespaces, mknod), the image's name that
-    scripts/test-image builds and removes, a build from the repository root."""
+    """init (signals reach the entrypoint), privileged (namespaces, mknod), a build from the repository
+    root, and the names scripts/test-image sets for its own run (a tag and a node count of its own, so a
+    user's cluster from the README's commands is never the one it removes)."""
     slurm = yaml.safe_load(COMPOSE.read_text())["services"]["slurm"]
     assert slurm["init"] is True and slurm["privileged"] is True
-    assert slurm["image"] == "localhost/hpresilience-testcluster:latest"
+    assert slurm["image"] == "${HPR_IMAGE:-localhost/hpresilience-testcluster:latest}"
+    assert slurm["environment"]["HPR_NODES"] == "${HPR_NODES:-4}"
     assert (COMPOSE.parent / slurm["build"]["context"]).resolve() == REPO
     assert (REPO / slurm["build"]["dockerfile"]).is_file()
-    assert "localhost/hpresilience-testcluster:latest" in (REPO / "scripts" / "test-image").read_text()
+    script = (REPO / "scripts" / "test-image").read_text()
+    assert "export HPR_IMAGE=$image HPR_NODES=4" in script and 'project=hpr-test-image-$$' in script

@@ -16,6 +16,7 @@ from hpresilience.slurm.models import StepResult
 from hpresilience.slurm.runner import Target
 from hpresilience.slurm.scontrol_parse import PENDING_JOB_FIELDS, parse_pending_jobs
 from tests.decision_harness import ADMIN, OURS, Cluster, check_result
+from tests.slurm_model import deepcheck_result
 
 XID_79 = ("XID_79", "GPU 3")
 
@@ -139,6 +140,8 @@ def test_a_node_that_restarted_after_its_checks_is_checked_again_not_released(cl
     assert not any(w.fields.get("state") == "RESUME" for w in cluster.writes_by(OURS, "n1", since=before))
     wf = only_workflow(cluster, "n1")
     assert (wf.step, wf.data["rechecks"]) == ("verify", 1)
+    [restart] = [e.detail for e in cluster.journal.events(workflow_id=wf.id) if e.kind == "restarted_after_checks"]
+    assert (restart["step"], restart["recheck"]) == (step, 1) and restart["boot"] > restart["checked_boot"]
     cluster.settle()
     wf = only_workflow(cluster, "n1")
     assert (wf.status, wf.action) == ("done", "reboot")
@@ -158,6 +161,34 @@ def test_a_node_that_keeps_restarting_after_its_checks_goes_to_a_human(cluster):
     assert (wf.status, wf.data["outcome"]) == ("failed", "restarted on its own 3 times after its checks passed")
     node = cluster.gateway.node("n1")
     assert node.reason.startswith("hpresilience: restarted on its own 3 times") and not node.available
+
+
+def test_an_escalations_new_hardware_is_not_taken_for_a_restart(cluster):
+    """Review (issue 14 session): the checked boot survived an escalation, so the replacement's
+    new boot counted as the node restarting on its own after its checks."""
+    gates = []
+
+    def deepcheck(node: str, level: str) -> StepResult:
+        gates.append(level)
+        return deepcheck_result(node, level, failed=["dcgm"] if len(gates) == 1 else [])
+
+    cluster.model.deepcheck = deepcheck
+    cluster.flag("n1", NodeAction.REBOOT, *XID_79)
+    cluster.settle()
+    wf = only_workflow(cluster, "n1")
+    assert (wf.action, wf.status, gates) == ("replace", "done", ["quick", "full"])   # escalated, replaced
+    assert "rechecks" not in wf.data
+    assert not [e for e in cluster.journal.events(workflow_id=wf.id) if e.kind == "restarted_after_checks"]
+
+
+def test_a_replace_flagged_at_release_is_not_taken_for_a_restart(cluster):
+    cluster.flag("n1", NodeAction.REBOOT, *XID_79)
+    run_to(cluster, "n1", "release")
+    cluster.model.advance(2)
+    assert cluster.flag("n1", NodeAction.REPLACE, "XID_74", "GPU 1").value == "applied"
+    cluster.settle()
+    wf = only_workflow(cluster, "n1")
+    assert (wf.action, wf.status) == ("replace", "done") and "rechecks" not in wf.data
 
 
 def test_a_node_silent_at_its_release_is_not_resumed(cluster):
