@@ -256,12 +256,12 @@ class Drill:
         # The mark slurm_plugins/job_submit.lua gives every auto-resume job, given here for sites without
         # the plugin: the controller then expedites a requeue Slurm makes itself (a dead node's job), as
         # it would for the site's own training jobs.
-        argv = [f"--job-name=hpr-drill-{self.id}-{s.name}", *self._placement(s), f"-N{len(job_nodes)}",
+        argv = [*self._placement(s), f"-N{len(job_nodes)}",
                 "--exclusive", "--requeue", "--open-mode=append", f"--output={out}", f"--chdir={work}",
                 f"--comment={AUTO_RESUME_MARK}",
                 f"--export=ALL,HPR_STATE_DIR={work / 'state'},HPR_DRILL={self.id}"]
         argv += [f"--partition={c.partition}"] if c.partition else []
-        job_id = self.gateway.submit_batch([*argv, str(script)])
+        job_id = self.gateway.submit_batch([*argv, str(script)], name=f"hpr-drill-{self.id}-{s.name}")
         return Canary(job_id, out, work / "result.json", work / "state" / f"auto-resume-{job_id}.events.jsonl",
                       own=not c.sbatch)
 

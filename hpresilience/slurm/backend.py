@@ -11,6 +11,8 @@ import signal
 import subprocess
 from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
+import structlog
+
 from .errors import JobNotFound, SlurmCommandError, SlurmError, SlurmNotInstalled
 from .models import Job, Node, RequeuedJob, Reservation, Step, StepResult
 from .runner import CommandRunner, Target
@@ -31,6 +33,8 @@ from .scontrol_parse import (
     parse_version,
     squeue_format,
 )
+
+log = structlog.get_logger(__name__)
 
 STEP_OUTPUT_LIMIT = 64 * 1024  # a check's output is a few lines; garbage is cut, not buffered
 
@@ -54,7 +58,7 @@ class SlurmBackend(Protocol):
     def show_steps(self, job_id: int) -> List[Step]: ...
     def requeued_jobs(self) -> List[RequeuedJob]: ...
     def signal_step(self, step_id: str, signal_name: str) -> None: ...
-    def submit_batch(self, argv: Sequence[str]) -> int: ...
+    def submit_batch(self, argv: Sequence[str], name: str) -> int: ...
     def cancel_job(self, job_id: int) -> None: ...
 
 
@@ -178,10 +182,31 @@ class ScontrolBackend:
     def signal_step(self, step_id: str, signal_name: str) -> None:
         self.runner.run(["scancel", f"--signal={signal_name}", step_id], Target(job=step_id))
 
-    def submit_batch(self, argv: Sequence[str]) -> int:
-        """`sbatch --parsable ARGV...`: the new job's id ("ID" or "ID;CLUSTER")."""
-        out = self.runner.run(["sbatch", "--parsable", *argv], Target())
-        return int(out.strip().split(";")[0])
+    def submit_batch(self, argv: Sequence[str], name: str) -> int:
+        """`sbatch --parsable --job-name=NAME ARGV...`: the new job's id ("ID" or "ID;CLUSTER").
+
+        Never retried blindly: an sbatch that timed out may have submitted the job all the same, and
+        a second one would run it twice (issue 13's known limit, fixed in the issue 14 session). Before
+        each retry the job is looked for by its name, which the caller makes unique."""
+        tried = False
+
+        def attempt() -> int:
+            nonlocal tried
+            if tried:
+                found = self.job_ids_named(name)
+                if found:
+                    log.warning("slurm.submit_found", name=name, job=found[-1],
+                                detail="an sbatch that failed had submitted the job: not submitted again")
+                    return found[-1]
+            tried = True
+            out = self.runner.once(["sbatch", "--parsable", f"--job-name={name}", *argv], Target())
+            return int(out.strip().split(";")[0])
+        return self.runner.retrying(["sbatch", name])(attempt)
+
+    def job_ids_named(self, name: str) -> List[int]:
+        """Ids of the jobs called `name`, in any state Slurm still shows, oldest first."""
+        out = self.runner.run(["squeue", "--noheader", "--states=all", f"--name={name}", "--format=%i"], Target())
+        return sorted(int(line.split("_")[0]) for line in out.split() if line.split("_")[0].isdigit())
 
     def cancel_job(self, job_id: int) -> None:
         self.runner.run(["scancel", str(job_id)], Target(job=str(job_id)))

@@ -183,10 +183,12 @@ class SlurmGateway:
     def steps(self, job_id: int) -> List[Step]:
         return self.backend.show_steps(int(job_id))
 
-    def submit_batch(self, argv: Sequence[str]) -> int:
-        """`sbatch --parsable ARGV...` (sbatch options, then the script and its arguments): the job id.
-        `hpresilience drill` submits its canary so (issue 13)."""
-        job_id = self.backend.submit_batch(argv)
+    def submit_batch(self, argv: Sequence[str], name: str) -> int:
+        """`sbatch --parsable --job-name=NAME ARGV...` (sbatch options, then the script and its
+        arguments): the job id. `name` must be unique: a failed try is looked for by it before
+        sbatch runs again, so a job is never submitted twice. `hpresilience drill` submits its
+        canary so (issue 13)."""
+        job_id = self.backend.submit_batch(argv, name)
         log.info("slurm.submitted", job=job_id)
         return job_id
 

@@ -87,7 +87,11 @@ class CommandRunner:
     sleep: Callable[[float], None] = field(default=tenacity.nap.sleep, repr=False)
 
     def run(self, argv: Sequence[str], target: Optional[Target] = None) -> str:
-        retrying = tenacity.Retrying(
+        return self.retrying(argv)(self.once, list(argv), target or Target())
+
+    def retrying(self, argv: Sequence[str]) -> tenacity.Retrying:
+        """The retry policy: again while slurmctld is unreachable, bounded in attempts and time."""
+        return tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(SlurmUnavailable),
             stop=tenacity.stop_after_attempt(self.attempts) | tenacity.stop_after_delay(self.max_delay),
             wait=tenacity.wait_exponential(multiplier=0.5, max=8) + tenacity.wait_random(0, 0.5),
@@ -97,9 +101,9 @@ class CommandRunner:
                 "slurm.retry", argv=list(argv), attempt=rs.attempt_number,
                 error=str(rs.outcome.exception()) if rs.outcome else None),
         )
-        return retrying(self._once, list(argv), target or Target())
 
-    def _once(self, argv: Sequence[str], target: Target) -> str:
+    def once(self, argv: Sequence[str], target: Target) -> str:
+        """One attempt, no retry (for a call that must not be repeated blindly, as sbatch)."""
         exe = shutil.which(argv[0], path=(self.env or os.environ).get("PATH"))
         if exe is None:
             raise SlurmNotInstalled(argv[0])
