@@ -334,7 +334,11 @@ def test_kill_and_down_spare_a_process_in_a_reused_namespace(tmp_path):
             f.write(os.readlink(f"/proc/{strangers[0].pid}/ns/uts") + "\n")
         with open(cluster.dir / "ctld" / "namespaces", "a") as f:
             f.write(os.readlink(f"/proc/{strangers[1].pid}/ns/uts") + "\n")
-        cluster.tc("kill", "n1")
+        # With stdin, stdout and stderr closed, as Slurm runs SuspendProgram (a power-off is such a kill):
+        # the namespace's descriptor was then 1 or 2, replaced by the child's pipes.
+        killed = subprocess.run(["sh", "-c", 'exec 0<&- 1>&- 2>&-; exec "$0" "$@"', str(TESTCLUSTER),
+                                 "--dir", str(cluster.dir), "kill", "n1"], timeout=60)
+        assert killed.returncode == 0
         wait_until(lambda: _gone(slurmd), 10, "n1's slurmd to die")
         assert strangers[0].poll() is None, "kill signalled a process that is not the node's"
         cluster.tc("start", "n1")
