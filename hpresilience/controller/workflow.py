@@ -104,9 +104,10 @@ CHECK_STEPS = (Step.VERIFY, Step.DEEPCHECK, Step.RELEASE)
 # Facts of one remedy attempt: cleared when a workflow escalates, so the provider and the
 # check of the replacement start afresh (defect 11: `powered_up` of a power cycle survived
 # the escalation and the power-save provider never replaced).
-# `checked_boot` too: the replacement's boot is not a restart of the checked one (issue 14 review).
+# `checked_boot` and `rechecks` too: the replacement's boot is not a restart of the checked one, and
+# new hardware starts with no restarts counted against it (issue 14 reviews).
 ATTEMPT_FACTS = {"provider_facts": {}, "resumed_at": None, "verify_attempts": 0, "deepcheck_attempts": 0,
-                 "checked_boot": None}
+                 "checked_boot": None, "rechecks": 0}
 
 
 def workflow_fault(wf: Workflow) -> Optional[Fault]:
@@ -487,14 +488,14 @@ class Steps:
             rechecks = int(wf.data.get("rechecks", 0)) + 1
             log.warning("controller.restarted_after_checks", node=node.name, workflow=wf.id, step=wf.step,
                         recheck=rechecks)
-            self.journal.record(node.name, "restarted_after_checks",
-                                {"step": wf.step, "checked_boot": checked, "boot": now_boot, "recheck": rechecks},
-                                wf.id)
+            restart = {"step": wf.step, "checked_boot": checked, "boot": now_boot, "recheck": rechecks}
             if rechecks > RECHECKS:
+                self.journal.record(node.name, "restarted_after_checks", restart, wf.id)
                 self.give_up(wf, node, f"restarted on its own {rechecks} times after its checks passed")
-            else:
-                self.to(wf, Step.VERIFY, {"booted_at": now_boot, "verify_attempts": 0, "checked_boot": None,
-                                          "rechecks": rechecks})
+            elif self.to(wf, Step.VERIFY, {"booted_at": now_boot, "verify_attempts": 0, "checked_boot": None,
+                                           "rechecks": rechecks}) is not None:
+                # After the move: a move another instance won (or a crash before it) records nothing.
+                self.journal.record(node.name, "restarted_after_checks", restart, wf.id)
             return False
         if not node.is_responding:
             # Registered, then silent again: wait, but not forever.

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import secrets
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -204,11 +205,15 @@ class Drill:
         notes = ""
         canary: Optional[Canary] = None
         victim: Optional[str] = None
+        # Unique, even for a drill id used before: submit_batch finds a canary by it (issue 14 review).
+        name = f"hpr-drill-{self.id}-{s.name}-{secrets.token_hex(3)}"
+        submitted = False
         try:
             missing = self._missing_command(s)
             if missing:
                 return self._not_run(s, f"not configured: [commands] {missing} is empty")
-            canary = self._submit(s)
+            submitted = True
+            canary = self._submit(s, name)
             victim = self._start_and_pick_victim(canary, s)
             attempt_before = self._attempt_now(canary)
             t.seen("fault_injected")
@@ -221,6 +226,8 @@ class Drill:
             # Whatever ended the scenario (a failure, Ctrl-C): no canary left holding the nodes.
             if canary is not None and self._job_state(canary) not in ENDED:
                 self._cancel(canary)
+            elif canary is None and submitted:
+                self._cancel_named(name)   # an sbatch that failed may have submitted it all the same
         return self._result(s, victim, canary, t, checks, notes)
 
     def _missing_command(self, s: Scenario) -> Optional[str]:
@@ -233,7 +240,7 @@ class Drill:
         return {"name": s.name, "title": s.title, "node": None, "passed": False, "events": [], "times": {},
                 "checks": [{"name": "scenario ran", "passed": False, "detail": why}], "notes": why}
 
-    def _submit(self, s: Scenario) -> Canary:
+    def _submit(self, s: Scenario, name: str) -> Canary:
         c = self.config.canary
         work = self.work / s.name
         work.mkdir(parents=True, exist_ok=True)
@@ -261,7 +268,7 @@ class Drill:
                 f"--comment={AUTO_RESUME_MARK}",
                 f"--export=ALL,HPR_STATE_DIR={work / 'state'},HPR_DRILL={self.id}"]
         argv += [f"--partition={c.partition}"] if c.partition else []
-        job_id = self.gateway.submit_batch([*argv, str(script)], name=f"hpr-drill-{self.id}-{s.name}")
+        job_id = self.gateway.submit_batch([*argv, str(script)], name=name)
         return Canary(job_id, out, work / "result.json", work / "state" / f"auto-resume-{job_id}.events.jsonl",
                       own=not c.sbatch)
 
@@ -480,6 +487,14 @@ class Drill:
             self.gateway.cancel_job(canary.job_id)
         except SlurmError as e:
             log.warning("drill.cancel_failed", job=canary.job_id, error=str(e))
+
+    def _cancel_named(self, name: str) -> None:
+        try:
+            for job_id in self.gateway.job_ids_named(name):
+                self.gateway.cancel_job(job_id)
+        except SlurmError as e:
+            log.warning("drill.cancel_failed", name=name, error=str(e),
+                        hint=f"a canary may be left: scancel --name={name}")
 
     def _command(self, template: List[str], **values: str) -> None:
         argv = expand_argv(template, drill=self.id, **values)

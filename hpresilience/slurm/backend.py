@@ -7,6 +7,7 @@ path on the 22.05-24.x clusters people run today."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 from typing import Dict, List, Optional, Protocol, Sequence, Tuple
@@ -59,6 +60,8 @@ class SlurmBackend(Protocol):
     def requeued_jobs(self) -> List[RequeuedJob]: ...
     def signal_step(self, step_id: str, signal_name: str) -> None: ...
     def submit_batch(self, argv: Sequence[str], name: str) -> int: ...
+
+    def job_ids_named(self, name: str) -> List[int]: ...
     def cancel_job(self, job_id: int) -> None: ...
 
 
@@ -187,26 +190,51 @@ class ScontrolBackend:
 
         Never retried blindly: an sbatch that timed out may have submitted the job all the same, and
         a second one would run it twice (issue 13's known limit, fixed in the issue 14 session). Before
-        each retry the job is looked for by its name, which the caller makes unique."""
+        each retry the job is looked for by its name, which the caller makes unique; a submission still
+        in a busy slurmctld's backlog can escape that look, so after a retry the jobs of that name are
+        counted again and all but the oldest cancelled: at most one is left. One retry policy bounds
+        the whole call (the look-ups inside are single tries)."""
         tried = False
 
         def attempt() -> int:
             nonlocal tried
             if tried:
-                found = self.job_ids_named(name)
+                found = self._job_ids_named_once(name)
                 if found:
-                    log.warning("slurm.submit_found", name=name, job=found[-1],
+                    log.warning("slurm.submit_found", name=name, job=found[0],
                                 detail="an sbatch that failed had submitted the job: not submitted again")
-                    return found[-1]
-            tried = True
+                    return found[0]
+            retry, tried = tried, True
             out = self.runner.once(["sbatch", "--parsable", f"--job-name={name}", *argv], Target())
-            return int(out.strip().split(";")[0])
+            job_id = int(out.strip().split(";")[0])
+            if retry:
+                job_id = self._keep_oldest(name, job_id)
+            return job_id
         return self.runner.retrying(["sbatch", name])(attempt)
 
+    def _keep_oldest(self, name: str, submitted: int) -> int:
+        found = self.job_ids_named(name)
+        for twin in found[1:]:
+            log.warning("slurm.submit_twin_cancelled", name=name, kept=found[0], cancelled=twin)
+            self.cancel_job(twin)
+        return found[0] if found else submitted
+
     def job_ids_named(self, name: str) -> List[int]:
-        """Ids of the jobs called `name`, in any state Slurm still shows, oldest first."""
-        out = self.runner.run(["squeue", "--noheader", "--states=all", f"--name={name}", "--format=%i"], Target())
-        return sorted(int(line.split("_")[0]) for line in out.split() if line.split("_")[0].isdigit())
+        """Ids of the jobs called `name`, in any state and partition Slurm still shows, oldest first."""
+        return self._parse_job_ids(self.runner.run(self._named(name), Target()))
+
+    def _job_ids_named_once(self, name: str) -> List[int]:
+        return self._parse_job_ids(self.runner.once(self._named(name), Target()))
+
+    @staticmethod
+    def _named(name: str) -> List[str]:
+        # --all: jobs in hidden partitions and other clusters' federated jobs are shown too.
+        return ["squeue", "--noheader", "--all", "--states=all", f"--name={name}", "--format=%i"]
+
+    @staticmethod
+    def _parse_job_ids(out: str) -> List[int]:
+        """squeue's %i: "123", an array task "123_4" or "123_[5-9]", a heterogeneous job's part "123+0"."""
+        return sorted({int(m.group(1)) for m in (re.match(r"(\d+)", word) for word in out.split()) if m})
 
     def cancel_job(self, job_id: int) -> None:
         self.runner.run(["scancel", str(job_id)], Target(job=str(job_id)))

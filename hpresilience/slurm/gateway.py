@@ -186,8 +186,8 @@ class SlurmGateway:
     def submit_batch(self, argv: Sequence[str], name: str) -> int:
         """`sbatch --parsable --job-name=NAME ARGV...` (sbatch options, then the script and its
         arguments): the job id. `name` must be unique: a failed try is looked for by it before
-        sbatch runs again, so a job is never submitted twice. `hpresilience drill` submits its
-        canary so (issue 13)."""
+        sbatch runs again, and twins are cancelled, so at most one job is left running.
+        `hpresilience drill` submits its canary so (issue 13)."""
         job_id = self.backend.submit_batch(argv, name)
         log.info("slurm.submitted", job=job_id)
         return job_id
@@ -195,6 +195,10 @@ class SlurmGateway:
     def cancel_job(self, job_id: int) -> None:
         self.backend.cancel_job(job_id)
         log.info("slurm.cancelled", job=job_id)
+
+    def job_ids_named(self, name: str) -> List[int]:
+        """Ids of the jobs called `name` (any state, any partition), oldest first."""
+        return self.backend.job_ids_named(name)
 
     def signal_step(self, step_id: str, signal_name: str = "KILL") -> None:
         """`scancel --signal=NAME JOB.STEP` (for a step whose srun no longer answers)."""

@@ -46,4 +46,4 @@ def test_what_the_image_and_the_smoke_test_rely_on():
     assert (COMPOSE.parent / slurm["build"]["context"]).resolve() == REPO
     assert (REPO / slurm["build"]["dockerfile"]).is_file()
     script = (REPO / "scripts" / "test-image").read_text()
-    assert "export HPR_IMAGE=$image HPR_NODES=4" in script and 'project=hpr-test-image-$$' in script
+    assert "export HPR_IMAGE=$image HPR_NODES=4" in script and 'project=hpr-test-image-$run_id' in script
