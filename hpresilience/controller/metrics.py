@@ -68,6 +68,9 @@ class ControllerMetrics:
         self.escalations = Counter("hpr_controller_escalations_total",
                                    "Workflows escalated to replace, by the action escalated from", ["action"],
                                    registry=r)
+        self.rechecks = Counter("hpr_controller_restarts_after_checks_total",
+                                "Nodes that restarted on their own after their checks passed, before release "
+                                "(checked again on the new boot, or given to a human)", registry=r)
         self.node_recent = Gauge("hpr_controller_node_recent_workflows",
                                  "Repair workflows opened in the last 24 hours, per node (nodes with one or more) "
                                  "and status", ["node", "status"], registry=r)

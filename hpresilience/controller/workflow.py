@@ -489,6 +489,7 @@ class Steps:
             log.warning("controller.restarted_after_checks", node=node.name, workflow=wf.id, step=wf.step,
                         recheck=rechecks)
             restart = {"step": wf.step, "checked_boot": checked, "boot": now_boot, "recheck": rechecks}
+            self.metrics.rechecks.inc()
             if rechecks > RECHECKS:
                 self.journal.record(node.name, "restarted_after_checks", restart, wf.id)
                 self.give_up(wf, node, f"restarted on its own {rechecks} times after its checks passed")

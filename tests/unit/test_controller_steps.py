@@ -142,6 +142,7 @@ def test_a_node_that_restarted_after_its_checks_is_checked_again_not_released(cl
     assert (wf.step, wf.data["rechecks"]) == ("verify", 1)
     [restart] = [e.detail for e in cluster.journal.events(workflow_id=wf.id) if e.kind == "restarted_after_checks"]
     assert (restart["step"], restart["recheck"]) == (step, 1) and restart["boot"] > restart["checked_boot"]
+    assert cluster.reconciler.metrics.registry.get_sample_value("hpr_controller_restarts_after_checks_total") == 1
     cluster.settle()
     wf = only_workflow(cluster, "n1")
     assert (wf.status, wf.action) == ("done", "reboot")
