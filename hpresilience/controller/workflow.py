@@ -489,14 +489,13 @@ class Steps:
             log.warning("controller.restarted_after_checks", node=node.name, workflow=wf.id, step=wf.step,
                         recheck=rechecks)
             restart = {"step": wf.step, "checked_boot": checked, "boot": now_boot, "recheck": rechecks}
-            self.metrics.rechecks.inc()
             if rechecks > RECHECKS:
-                self.journal.record(node.name, "restarted_after_checks", restart, wf.id)
+                self._restarted(node, wf, restart)
                 self.give_up(wf, node, f"restarted on its own {rechecks} times after its checks passed")
             elif self.to(wf, Step.VERIFY, {"booted_at": now_boot, "verify_attempts": 0, "checked_boot": None,
                                            "rechecks": rechecks}) is not None:
                 # After the move: a move another instance won (or a crash before it) records nothing.
-                self.journal.record(node.name, "restarted_after_checks", restart, wf.id)
+                self._restarted(node, wf, restart)
             return False
         if not node.is_responding:
             # Registered, then silent again: wait, but not forever.
@@ -504,6 +503,10 @@ class Steps:
                 self.give_up(wf, node, "not responding since its new boot")
             return False
         return True
+
+    def _restarted(self, node: Node, wf: Workflow, restart: Dict[str, object]) -> None:
+        self.journal.record(node.name, "restarted_after_checks", restart, wf.id)
+        self.metrics.rechecks.inc()
 
     def _run_on_node(self, node: Node, argv: List[str], timeout: float, srun: List[str],
                      job_name: str = "hpr-verify") -> StepResult:

@@ -95,6 +95,10 @@ class Canary:
         under the runner (its `attempt_started`)."""
         if self.own:
             return any(step >= steps for step, _, _ in self.steps())
+        return self.runner_started()
+
+    def runner_started(self) -> bool:
+        """The auto-resume runner started an attempt of the step (its `attempt_started` event)."""
         return any(e.get("event") == "attempt_started" for e in self.runner_events())
 
     def steps(self) -> List[Tuple[int, str, float]]:
@@ -404,7 +408,7 @@ class Drill:
                                      f"{redone} redone (fewer than {c.checkpoint_every})"))
         else:
             # A "nothing happened" needs a sign the runner was watching (issue 13 review).
-            watched = canary is not None and any(e.get("event") == "attempt_started" for e in canary.runner_events())
+            watched = canary is not None and canary.runner_started()
             checks.append(_check("the step was never stopped", watched and t.at.get("step_stopped") is None,
                                  "the runner ran the step; no stop, no node failure, no requeue" if watched
                                  else "no sign the auto-resume runner ran the step"))

@@ -60,7 +60,6 @@ class SlurmBackend(Protocol):
     def requeued_jobs(self) -> List[RequeuedJob]: ...
     def signal_step(self, step_id: str, signal_name: str) -> None: ...
     def submit_batch(self, argv: Sequence[str], name: str) -> int: ...
-
     def job_ids_named(self, name: str) -> List[int]: ...
     def cancel_job(self, job_id: int) -> None: ...
 
@@ -192,14 +191,15 @@ class ScontrolBackend:
         a second one would run it twice (issue 13's known limit, fixed in the issue 14 session). Before
         each retry the job is looked for by its name, which the caller makes unique; a submission still
         in a busy slurmctld's backlog can escape that look, so after a retry the jobs of that name are
-        counted again and all but the oldest cancelled: at most one is left. One retry policy bounds
-        the whole call (the look-ups inside are single tries)."""
+        counted again and all but the oldest cancelled: at most one is left. The look-up before a
+        retry is a single try, so one retry policy bounds the time until the job is found or sbatch
+        runs again."""
         tried = False
 
         def attempt() -> int:
             nonlocal tried
             if tried:
-                found = self._job_ids_named_once(name)
+                found = self.job_ids_named(name, retry=False)
                 if found:
                     log.warning("slurm.submit_found", name=name, job=found[0],
                                 detail="an sbatch that failed had submitted the job: not submitted again")
@@ -219,21 +219,12 @@ class ScontrolBackend:
             self.cancel_job(twin)
         return found[0] if found else submitted
 
-    def job_ids_named(self, name: str) -> List[int]:
-        """Ids of the jobs called `name`, in any state and partition Slurm still shows, oldest first."""
-        return self._parse_job_ids(self.runner.run(self._named(name), Target()))
-
-    def _job_ids_named_once(self, name: str) -> List[int]:
-        return self._parse_job_ids(self.runner.once(self._named(name), Target()))
-
-    @staticmethod
-    def _named(name: str) -> List[str]:
+    def job_ids_named(self, name: str, retry: bool = True) -> List[int]:
+        """Ids of the jobs called `name`, in any state and partition Slurm still shows, oldest first.
+        squeue's %i is "123", an array task "123_4" or "123_[5-9]", a heterogeneous job's part "123+0"."""
         # --all: jobs in hidden partitions and other clusters' federated jobs are shown too.
-        return ["squeue", "--noheader", "--all", "--states=all", f"--name={name}", "--format=%i"]
-
-    @staticmethod
-    def _parse_job_ids(out: str) -> List[int]:
-        """squeue's %i: "123", an array task "123_4" or "123_[5-9]", a heterogeneous job's part "123+0"."""
+        argv = ["squeue", "--noheader", "--all", "--states=all", f"--name={name}", "--format=%i"]
+        out = (self.runner.run if retry else self.runner.once)(argv, Target())
         return sorted({int(m.group(1)) for m in (re.match(r"(\d+)", word) for word in out.split()) if m})
 
     def cancel_job(self, job_id: int) -> None:

@@ -379,7 +379,6 @@ def test_a_bad_control_socket_setting_is_a_config_error(tmp_path: Path, value: s
 @pytest.mark.parametrize("code", ["XID_074", "XID_7_4", "XID_+74", "XID_ 74"])
 def test_only_a_code_a_kernel_line_could_give_is_injectable(code: str) -> None:
     """Issue 13 review: these read as XID 74 through the template, with a key no real fault has."""
-    from hpresilience.agent.kernel_rules import load_rules
     rules = load_rules()
     assert rules.finding_for("XID_74", "GPU 0") is not None   # the real one is
     assert rules.finding_for(code, "GPU 0") is None
